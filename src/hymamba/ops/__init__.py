@@ -1,0 +1,1 @@
+"""Selective-scan operators: reference, fast pure-PyTorch and compiled kernels."""
