@@ -283,6 +283,8 @@ def load_pretrained(model: nn.Module, variant: str, checkpoint_path: Optional[Pa
 
     cfg = VARIANTS[variant][1]
     if checkpoint_path is None:
+        if "url" not in cfg:
+            raise FileNotFoundError(f"'{variant}' has no official weights; pass checkpoint_path=... to load your own")
         folder = checkpoint_dir()
         candidates = [folder / cfg["hf_hub_filename"], folder / cfg["hf_hub_id"].split("/")[-1]]
         found = next((c for c in candidates if c.exists()), None)

@@ -12,7 +12,7 @@ from hymamba.models.mambavision import VARIANTS, MambaVision
 __all__ = ["create_model", "list_models", "resolve_model_name"]
 
 #: official model names (as in NVlabs/MambaVision) -> hymamba names
-ALIASES = {official: name for name, (_, _, official, _) in VARIANTS.items()}
+ALIASES = {official: name for name, (_, _, official, _) in VARIANTS.items() if official}
 
 
 def list_models(pattern: str = "*") -> List[str]:

@@ -388,7 +388,7 @@ class MambaVision(nn.Module):
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = int(dim * 2 ** (len(depths) - 1))
         self.patch_embed = PatchEmbed(in_chans, in_dim, dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
         self.levels = nn.ModuleList()
         self.feature_info: List[Dict[str, Any]] = []
         for i, depth in enumerate(depths):
@@ -462,7 +462,7 @@ class MambaVision(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        ref = self.norm.weight
+        ref = next(self.patch_embed.parameters())
         self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
             if num_classes > 0 else nn.Identity()
         if num_classes > 0:
@@ -531,7 +531,7 @@ class MambaVision(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
+            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.head(x)
@@ -573,11 +573,10 @@ def _hf_url(repo: str, filename: str) -> str:
     return f"https://huggingface.co/nvidia/{repo}/resolve/main/{filename}"
 
 
-def _cfg(repo: str, filename: str, **kwargs: Any) -> Dict[str, Any]:
+def _cfg(repo: Optional[str], filename: Optional[str], **kwargs: Any) -> Dict[str, Any]:
+    weights = dict(url=_hf_url(repo, filename), hf_hub_id=f"nvidia/{repo}", hf_hub_filename=filename) if repo else {}
     cfg = dict(
-        url=_hf_url(repo, filename),
-        hf_hub_id=f"nvidia/{repo}",
-        hf_hub_filename=filename,
+        **weights,
         num_classes=1000,
         input_size=(3, 224, 224),
         pool_size=(7, 7),
@@ -605,8 +604,9 @@ _L2 = dict(_L, depths=(3, 3, 12, 5))
 _L3 = dict(dim=256, in_dim=64, depths=(3, 3, 20, 10), num_heads=(4, 8, 16, 32), window_size=(8, 8, 16, 8),
            mlp_ratio=4, drop_path_rate=0.5, layer_scale=1e-5, layer_scale_conv=None)
 
-#: name -> (constructor arguments, pretrained config, official name, ImageNet-1K top-1 from the paper)
-VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any], str, float]] = {
+#: name -> (constructor arguments, pretrained config, official name, ImageNet-1K top-1 from the paper);
+#: models of our own (no official weights) have None for the last two.
+VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any], Optional[str], Optional[float]]] = {
     "mambavision_t": (_T, _cfg("MambaVision-T-1K", "mambavision_tiny_1k.pth.tar"), "mamba_vision_T", 82.3),
     "mambavision_t2": (dict(_T, depths=(1, 3, 11, 4)),
                        _cfg("MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98),
@@ -634,6 +634,11 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any], str, float]] = {
                                     input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93,
                                     crop_mode="squash"),
                                "mamba_vision_L3_512_21k", 88.1),
+    # tiny, for fast tests (the shape of the official fixture tiny_a)
+    "test_mambavision": (dict(dim=16, in_dim=8, depths=(1, 1, 3, 2), num_heads=(1, 2, 2, 4),
+                              window_size=(8, 8, 4, 2), mlp_ratio=4, drop_path_rate=0.0),
+                         _cfg(None, None, input_size=(3, 64, 64), pool_size=(2, 2), license="apache-2.0"),
+                         None, None),
 }
 
 default_cfgs = generate_default_cfgs({name: cfg for name, (_, cfg, _, _) in VARIANTS.items()})
@@ -653,6 +658,11 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs: Any) -
 
         load_pretrained(model, variant, checkpoint_path)
     return model
+
+
+@register_model
+def test_mambavision(pretrained: bool = False, **kwargs: Any) -> MambaVision:
+    return _create_mambavision("test_mambavision", pretrained, **kwargs)
 
 
 @register_model
