@@ -8,9 +8,11 @@ Public API::
     MambaVision(...)                       # the official constructor
     selective_scan(u, delta, A, B, C, ...) # the scan, with a choice of implementations
     last_scan_impl()                       # which scan implementation ran last
+    optimize_for_inference(model)          # a copy with BatchNorms folded into the convs
 """
 from hymamba.checkpoint import CheckpointError, load_checkpoint
 from hymamba.factory import create_model, list_models, resolve_model_name
+from hymamba.inference import optimize_for_inference
 from hymamba.models import MambaVision
 from hymamba.ops import last_scan_impl, selective_scan
 
@@ -23,6 +25,7 @@ __all__ = [
     "last_scan_impl",
     "list_models",
     "load_checkpoint",
+    "optimize_for_inference",
     "resolve_model_name",
     "selective_scan",
 ]
