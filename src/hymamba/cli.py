@@ -85,6 +85,35 @@ def _forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    import datetime
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    from hymamba.benchmark import format_table, mambavision_cases, peer_cases, run_benchmark, write_results
+    from hymamba.factory import resolve_model_name
+
+    model = resolve_model_name(args.model)
+    for name, value in (("--batch-size", args.batch_size), ("--repeats", args.repeats), ("--image-size", args.image_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    cases = mambavision_cases(model, args.paths)
+    cases += peer_cases(args.peers)
+    results = run_benchmark(cases, batch_size=args.batch_size, image_size=args.image_size, repeats=args.repeats,
+                            warmup=args.warmup, train=args.train, progress=not args.quiet)
+    baseline = next((c.name for c in cases if "reference" in c.name), None)
+    print(format_table(results, baseline=baseline))
+    if args.out:
+        meta = dict(model=model, batch_size=args.batch_size, image_size=args.image_size, repeats=args.repeats,
+                    torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or
+                    platform.machine(), date=datetime.date.today().isoformat())
+        for path in write_results(results, Path(args.out), meta):
+            print(f"wrote {path}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hymamba", description="MambaVision on any device.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -103,6 +132,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs="+", default=None, help="H [W] (default: the model's input size)")
     p.add_argument("--scan-impl", default="auto", help="selective-scan implementation (default: auto)")
     _COMMANDS["forward"] = _forward
+
+    from hymamba.benchmark import PATHS, PEERS
+
+    p = sub.add_parser("benchmark", help="measure MambaVision paths and timm peers side by side")
+    p.add_argument("model", nargs="?", default="mambavision_t", help="model name (default: mambavision_t)")
+    p.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS,
+                   help=f"MambaVision paths to measure (default: all: {' '.join(PATHS)})")
+    p.add_argument("--peers", nargs="*", default=list(PEERS), help="timm models to compare (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch for throughput and training (default: 16)")
+    p.add_argument("--image-size", type=int, default=224, help="input side (default: 224)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per metric (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    p.add_argument("--no-train", dest="train", action="store_false", help="skip the training-step measurement")
+    p.add_argument("--out", default=None, help="folder for results.json, results.csv and a PNG plot")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _COMMANDS["benchmark"] = _benchmark
     return parser
 
 
