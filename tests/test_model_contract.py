@@ -163,3 +163,14 @@ def test_set_scan_impl(model) -> None:
     model.set_scan_impl("nonsense")
     with pytest.raises(ValueError, match="reference"):
         model(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("length", [1, 2, 3, 49])
+def test_depthwise_conv_same_equals_conv1d(k: int, length: int) -> None:
+    from hymamba.models.mambavision import depthwise_conv_same
+
+    x = torch.randn(2, length, 6, dtype=torch.float64)
+    w = torch.randn(6, k, dtype=torch.float64)
+    ref = torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None], padding="same", groups=6).transpose(1, 2)
+    torch.testing.assert_close(depthwise_conv_same(x, w), ref, rtol=1e-12, atol=1e-12)

@@ -161,20 +161,27 @@ class MambaVisionMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) -> (B, L, C)."""
+        """(B, L, C) -> (B, L, C).
+
+        Computed token-major, (B, L, C), so that no activation is transposed in memory: the two
+        depthwise 'same' convs along L run as one set of shifted multiply-adds over all C channels
+        (what a k=3 depthwise conv is, without the conv kernel's layout changes), and the scan
+        reads its inputs through strided (B, C/2, L) views. Same maths as the official
+        per-branch code.
+        """
         half = self.d_inner // 2
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, C, L)
-        x, z = xz.chunk(2, dim=1)  # (B, C/2, L) each
-        x = F.silu(F.conv1d(x, self.conv1d_x.weight, padding="same", groups=half))
-        z = F.silu(F.conv1d(z, self.conv1d_z.weight, padding="same", groups=half))
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        xz = self.in_proj(hidden_states)  # (B, L, C)
+        conv_w = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight], dim=0)[:, 0]  # (C, d_conv)
+        xz = F.silu(depthwise_conv_same(xz, conv_w))  # (B, L, C)
+        x, z = xz[..., :half], xz[..., half:]  # (B, L, C/2) each
+        x_dbl = F.linear(x, self.x_proj.weight)  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Quirk: dt_proj applies its bias here and the scan adds it again as delta_bias; the
         # released weights were trained that way.
-        delta = self.dt_proj(dt).transpose(1, 2)  # (B, C/2, L)
+        delta = self.dt_proj(dt)  # (B, L, C/2)
         y = selective_scan(
-            x,
-            delta,
+            x.transpose(1, 2),
+            delta.transpose(1, 2),
             -torch.exp(self.A_log.float()),
             b.transpose(1, 2),
             c.transpose(1, 2),
@@ -182,9 +189,32 @@ class MambaVisionMixer(nn.Module):
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             impl=self.scan_impl,
-        )
-        y = torch.cat([y.to(z.dtype), z], dim=1).transpose(1, 2)  # (B, L, C)
-        return self.out_proj(y)
+        )  # (B, C/2, L)
+        return self.out_proj(torch.cat([y.transpose(1, 2).to(z.dtype), z], dim=-1))
+
+
+def depthwise_conv_same(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise 1-D convolution along L with 'same' zero padding, no bias, token-major.
+
+    Args:
+        x: (B, L, C).
+        weight: (C, K): the kernel of each channel (``conv.weight[:, 0]``).
+    Returns:
+        (B, L, C), equal to ``F.conv1d(x^T, weight[:, None], padding='same', groups=C)^T``.
+    """
+    k = weight.shape[1]
+    left = (k - 1) // 2  # torch's 'same': the extra pad of an even kernel goes right
+    length = x.shape[1]
+    out = x * weight[:, left]
+    for j in range(k):
+        shift = j - left  # out[t] += w[j] * x[t + shift]
+        if j == left or abs(shift) >= length:
+            continue
+        if shift < 0:
+            out[:, -shift:] += x[:, :shift] * weight[:, j]
+        else:
+            out[:, :-shift] += x[:, shift:] * weight[:, j]
+    return out
 
 
 class Attention(nn.Module):
