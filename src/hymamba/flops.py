@@ -99,9 +99,18 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     counter = _Counter()
+
+    def add_extra(module: nn.Module, args: tuple) -> None:
+        n = int(module.extra_macs(args[0]))
+        counter.total += n
+        counter.by_op[type(module).__name__] = counter.by_op.get(type(module).__name__, 0) + n
+
+    hooks = [m.register_forward_pre_hook(add_extra) for m in model.modules() if callable(getattr(m, "extra_macs", None))]
     try:
         with counter:
             model(x)
     finally:
         model.train(was_training)
+        for h in hooks:
+            h.remove()
     return counter.total, counter.by_op

@@ -160,6 +160,11 @@ class MambaVisionMixer(nn.Module):
         dt = dt.clamp(min=floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
+    def extra_macs(self, hidden_states: torch.Tensor) -> int:
+        """Multiply-adds of the depthwise convs, which FLOP counters cannot see as convolutions."""
+        b, length, _ = hidden_states.shape
+        return b * length * self.d_inner * self.conv1d_x.kernel_size[0]
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, C) -> (B, L, C).
 
