@@ -114,6 +114,169 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _none_or(kind: type) -> Callable[[str], object]:
+    """argparse type: a value of ``kind``, or None for 'none'/'null'."""
+    def parse(text: str) -> object:
+        if text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from hymamba.train import INTERRUPTED_EXIT, config_for_resume, train
+    from hymamba.train_config import build_config, config_fields
+    from hymamba.train_state import load_train_state
+
+    overrides = {k: v for k, v in vars(args).items() if k in config_fields()}
+    if args.resume:
+        state = load_train_state(args.resume)
+        cfg = config_for_resume(state, args.config, overrides)
+    else:
+        state, cfg = None, build_config(args.config, overrides)
+    summary = train(cfg, resume=state)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return INTERRUPTED_EXIT if summary["interrupted"] else 0
+    if summary["interrupted"]:
+        print(f"stopped after {summary['epochs']} complete epoch(s); resume with: hymamba train --resume "
+              f"{summary['output']}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    print(f"done: val top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
+          f"{summary['best_epoch']}) after {summary['epochs']} epochs in {summary['wall_seconds']:.0f} s; "
+          f"{summary['skipped_images']} unreadable image(s) skipped; weights: {summary['output']}/model.safetensors")
+    return 0
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from hymamba.train_config import TrainConfig, config_fields, field_type
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train", help="train a model (the official recipe); 'hymamba train' alone trains nano on digits",
+        description="Train on an ImageFolder (DATA/train/<class>/..., DATA/val/<class>/...) or, without DATA, "
+                    "the built-in digits. Values: defaults (configs/digits_nano.yaml) < --config FILE < flags. "
+                    "Runs unchanged under torchrun (DDP). Optional values take 'none'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  hymamba train                          # nano on the built-in digits, about a minute on 2 cores\n"
+               "  hymamba train DATA --config configs/finetune.yaml --model mambavision_s\n"
+               "  torchrun --nproc_per_node 8 -m hymamba.cli train /imagenet --config configs/mambavision_t_1k.yaml\n"
+               "  hymamba train --resume runs/mambavision_nano-20250101-120000")
+    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="DATA",
+                   help="ImageFolder root, or 'digits' (default: digits)")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML recipe, e.g. configs/mambavision_t_1k.yaml")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue a run: its output folder or a .pth it wrote (flags given here override)")
+    for name, f in config_fields().items():
+        if name == "data":
+            continue
+        kind, length = field_type(f)
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = "none" if default is None else " ".join(map(str, default)) if length else default
+        text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        elif length:
+            p.add_argument(flag, type=kind, nargs=length, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+        else:
+            p.add_argument(flag, type=_none_or(kind), default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+    _COMMANDS["train"] = _train
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from hymamba.evaluate import validate
+
+    res = validate(args.model, args.checkpoint, data=args.data, split=args.split, pretrained=args.pretrained,
+                   use_ema=args.use_ema, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+                   device=args.device, input_size=args.img_size, crop_pct=args.crop_pct, crop_mode=args.crop_mode,
+                   interpolation=args.interpolation, max_samples=args.max_samples, scan_impl=args.scan_impl)
+    if not args.per_class:
+        res.pop("per_class")
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['model']} ({res['checkpoint']}) on {res['data']}/{res['split']}: top-1 {res['top1']:.3f}%  "
+          f"top-5 {res['top5']:.3f}%  loss {res['loss']:.4f}  ({res['images']} images, "
+          f"{res['skipped_images']} unreadable skipped)")
+    pp = res["preprocessing"]
+    print(f"preprocessing: input {pp['input_size'][-1]}px, crop_pct {pp['crop_pct']}, {pp['crop_mode']}, "
+          f"{pp['interpolation']}, mean {tuple(round(m, 4) for m in pp['mean'])}, std "
+          f"{tuple(round(s, 4) for s in pp['std'])}")
+    if args.per_class:
+        width = max(len(r["class"]) for r in res["per_class"])
+        print(f"{'class':<{width}}  {'images':>6}  top-1")
+        for r in res["per_class"]:
+            acc = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+            print(f"{r['class']:<{width}}  {r['images']:>6}  {acc}")
+    return 0
+
+
+def _add_validate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="top-1/top-5/loss of weights on an ImageFolder split or the digits",
+                       description="Evaluate with the model's own preprocessing (resize by crop_pct, crop mode, "
+                                   "interpolation, mean/std from its config or the model.json beside the weights).")
+    p.add_argument("model", help="model name, e.g. mambavision_t")
+    p.add_argument("data", nargs="?", default="digits",
+                   help="ImageFolder root holding SPLIT/<class>/..., a split folder, or 'digits' (default)")
+    p.add_argument("--checkpoint", default=None, help="weights: model.safetensors, a training .pth, an official "
+                                                      ".pth.tar or a Hugging Face folder")
+    p.add_argument("--pretrained", action="store_true", help="use the official weights (a local file)")
+    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a checkpoint")
+    p.add_argument("--split", default="val", help="subfolder of DATA to evaluate (default: val)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(8, cores))")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's)")
+    p.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction (default: the model's)")
+    p.add_argument("--crop-mode", default=None, help="center, squash or border (default: the model's)")
+    p.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's)")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only this many images")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--scan-impl", default="auto", help="selective-scan implementation (default: auto)")
+    p.add_argument("--per-class", action="store_true", help="also report the accuracy of each class")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _COMMANDS["validate"] = _validate
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from hymamba.evaluate import predict
+
+    results = predict(args.model, args.checkpoint, args.images, topk=args.topk, pretrained=args.pretrained,
+                      use_ema=args.use_ema, device=args.device, scan_impl=args.scan_impl)
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"hymamba: warning: skipped {r['image']}: {r['error']}", file=sys.stderr)
+    if len(failed) == len(results):
+        raise UserError(f"none of the {len(results)} image(s) could be read")
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        if "top" in r:
+            print(f"{r['image']}: " + ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"]))
+    return 0
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k classes of image files",
+                       description="Classify images with the model's preprocessing; class names come from the "
+                                   "model.json (or Hugging Face config.json) beside the weights.")
+    p.add_argument("model", help="model name, e.g. mambavision_nano")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--checkpoint", default=None, help="weights (model.safetensors, .pth, official files)")
+    p.add_argument("--pretrained", action="store_true", help="use the official weights (a local file)")
+    p.add_argument("--use-ema", action="store_true", help="use the EMA weights of a checkpoint")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--scan-impl", default="auto", help="selective-scan implementation (default: auto)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _COMMANDS["predict"] = _predict
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hymamba", description="MambaVision on any device.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -148,6 +311,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.json, results.csv and a PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _COMMANDS["benchmark"] = _benchmark
+
+    _add_train_parser(sub)
+    _add_validate_parser(sub)
+    _add_predict_parser(sub)
     return parser
 
 
@@ -160,12 +327,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     from hymamba.checkpoint import CheckpointError
+    from hymamba.train import TrainingError
 
     try:
         return _COMMANDS[args.command](args)
     except (UserError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"hymamba: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"hymamba: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hymamba: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
