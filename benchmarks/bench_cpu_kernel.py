@@ -8,7 +8,7 @@ machine distort less) and the float32-vs-float64 relative error of the kernel.
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/bench_cpu_kernel.py [--repeats 3] [--threads 2]
+    PYTHONPATH=src python benchmarks/bench_cpu_kernel.py [--repeats 3] [--threads 2] [--shapes 64x320x49x8]
 """
 
 from __future__ import annotations
@@ -115,7 +115,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
+    parser.add_argument(
+        "--shapes", nargs="+", default=None, help="subset of BxDxLxN shapes, e.g. 64x320x49x8 (default: all four)"
+    )
     args = parser.parse_args()
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -129,7 +133,7 @@ def main() -> None:
         print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
     rows = []
-    for batch, dim, L, N in SHAPES:
+    for batch, dim, L, N in shapes:
         inputs = make_inputs(batch, dim, L, N, torch.float32)
         grad = torch.randn(batch, dim, L, generator=torch.Generator().manual_seed(2))
         cases = {

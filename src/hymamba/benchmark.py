@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from hymamba.atomic import atomic_write
 
 __all__ = ["BenchCase", "BenchResult", "mambavision_cases", "peer_cases", "run_benchmark", "write_results"]
 
@@ -256,16 +257,6 @@ def format_table(results: Sequence[BenchResult], baseline: Optional[str] = None)
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_results(results: Sequence[BenchResult], out_dir: Path, meta: Dict[str, object]) -> List[Path]:
     """Write results.json, results.csv and throughput_vs_params.png into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +291,7 @@ def write_results(results: Sequence[BenchResult], out_dir: Path, meta: Dict[str,
         fig.savefig(p, format="png", dpi=120)
         plt.close(fig)
 
-    _atomic_write(json_path, write_json)
-    _atomic_write(csv_path, write_csv)
-    _atomic_write(png_path, write_png)
+    atomic_write(json_path, write_json)
+    atomic_write(csv_path, write_csv)
+    atomic_write(png_path, write_png)
     return [json_path, csv_path, png_path]

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from hymamba.atomic import atomic_write
+
 __all__ = [
     "CheckpointError",
     "load_checkpoint",
@@ -169,16 +171,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
     """Write tensors to ``path`` atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 __all__ = ["main"]
 

@@ -12,25 +12,17 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from hymamba.atomic import atomic_write_bytes
+
 __all__ = ["Reporter", "write_json_atomic"]
 
 _CSV_COLUMNS = ("epoch", "train_loss", "lr", "top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss",
                 "images_per_second", "epoch_seconds")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    _write_atomic(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 class Reporter:
@@ -51,7 +43,7 @@ class Reporter:
         writer.writeheader()
         for row in history:
             writer.writerow({k: _fmt(row.get(k)) for k in _CSV_COLUMNS})
-        _write_atomic(self.output / "metrics.csv", buf.getvalue().encode())
+        atomic_write_bytes(self.output / "metrics.csv", buf.getvalue().encode())
         self._plot(history)
         if self._tb is not None and history:
             row = history[-1]
@@ -86,7 +78,7 @@ class Reporter:
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
-        _write_atomic(self.output / "learning_curves.png", buf.getvalue())
+        atomic_write_bytes(self.output / "learning_curves.png", buf.getvalue())
 
     def close(self) -> None:
         if self._tb is not None:

@@ -16,6 +16,8 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+from hymamba.atomic import atomic_write
+
 __all__ = ["FORMAT", "atomic_copy", "get_rng_state", "load_train_state", "save_train_state", "set_rng_state"]
 
 FORMAT = "hymamba-train-state-v1"
@@ -46,27 +48,16 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_train_state(state: Dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a training checkpoint atomically; ``state`` holds only tensors and plain values."""
     p = Path(path)
-    _atomic_write(p, lambda tmp: torch.save(dict(state, format=FORMAT), tmp))
+    atomic_write(p, lambda tmp: torch.save(dict(state, format=FORMAT), tmp))
     return p
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy a file so that ``dst`` is always complete."""
-    _atomic_write(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_train_state(path: str | os.PathLike) -> Dict[str, Any]:
