@@ -488,3 +488,20 @@ def test_cache_name_depends_on_flags_and_source() -> None:
     b = cpu_kernel._extension_name(("-O3",), ())
     assert a != b and a.startswith("hymamba_scan_cpu_")
     assert a == cpu_kernel._extension_name(("-O3", "-march=native"), ())
+
+
+def test_ninja_from_the_venv_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The ninja wheel lives beside the interpreter, which is off PATH when a venv's python runs directly."""
+    import os
+    import shutil
+    import sys
+
+    from hymamba.ops.cpu_kernel import _ensure_ninja_on_path
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    _ensure_ninja_on_path()
+    if os.path.isfile(os.path.join(os.path.dirname(sys.executable), "ninja")):
+        assert shutil.which("ninja") is not None
+    else:
+        assert os.environ["PATH"] == str(tmp_path)

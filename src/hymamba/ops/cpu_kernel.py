@@ -185,9 +185,20 @@ def _import_cpp_extension() -> Any:
     return cpp_extension
 
 
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) installs it
+    beside the interpreter, which is not on PATH when a venv's python is run directly."""
+    import shutil
+
+    bin_dir = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and os.path.isfile(os.path.join(bin_dir, "ninja")):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> Any:
     """Compiles (or loads the cached) extension; returns its op namespace."""
     cpp_extension = _import_cpp_extension()
+    _ensure_ninja_on_path()
 
     sources = [str(_CSRC_DIR / s) for s in _SOURCES]
     for src in sources:
