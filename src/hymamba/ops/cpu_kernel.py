@@ -6,8 +6,8 @@ time :func:`is_available` (or :func:`selective_scan_cpu`) is called, so that
 installing hymamba never needs a compiler. The shared library is cached in
 torch's extension directory (``$TORCH_EXTENSIONS_DIR`` when set, else
 ``$HYMAMBA_CACHE/torch_extensions`` when set, else torch's default) under a
-name that hashes the source, the build flags, the torch/Python versions and
-the CPU's feature flags, so a binary built with ``-march=native`` is never
+name that hashes the source (and its path), the build flags, the torch/Python
+versions and the CPU's feature flags, so a binary built with ``-march=native`` is never
 reused on a different CPU.
 
 If the build or its self-test fails, the kernel reports itself unavailable
@@ -102,6 +102,7 @@ def _extension_name(cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> str:
         torch.__version__,
         sys.version,
         os.environ.get("CXX", ""),
+        str(_CSRC_DIR),  # torch's ninja build rebuilds when the source path changes: one cache per install
         _cpu_signature(),
     ):
         h.update(b"\0" + item.encode())
