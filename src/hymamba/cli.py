@@ -277,6 +277,30 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     _COMMANDS["predict"] = _predict
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from hymamba.export import check_onnx, export_onnx
+    from hymamba.factory import create_model
+
+    model = create_model(args.model, checkpoint_path=args.checkpoint).eval()
+    size = args.size or list(model.pretrained_cfg["input_size"][1:])
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(f"--size takes H [W], positive; got {args.size}")
+    path = export_onnx(model, args.output, image_size=tuple(size), opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input pixel_values (N, 3, {size[0]}, {size[1]}), "
+          f"output logits (N, {model.num_classes}); N is dynamic")
+    if args.check:
+        torch.manual_seed(0)
+        diff = check_onnx(model, path, torch.randn(2, 3, *size))
+        print(f"ONNX Runtime vs PyTorch on a random batch of 2: max |difference| {diff:.2e}")
+        if not diff <= 1e-3:
+            raise UserError(f"the exported model disagrees with PyTorch (max difference {diff:.2e})")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hymamba", description="MambaVision on any device.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -311,6 +335,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.json, results.csv and a PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _COMMANDS["benchmark"] = _benchmark
+
+    p = sub.add_parser("export", help="export to ONNX and check it with ONNX Runtime")
+    p.add_argument("model", help="model name")
+    p.add_argument("--checkpoint", default=None, help="weights to export (default: random initialisation)")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=int, nargs="+", default=None, help="input H [W] (default: the model's input size)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
+    _COMMANDS["export"] = _export
 
     _add_train_parser(sub)
     _add_validate_parser(sub)
