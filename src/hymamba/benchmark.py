@@ -39,6 +39,7 @@ class BenchCase:
     build: Callable[[], nn.Module]
     autocast_bf16: bool = False
     inference_only: bool = False  # e.g. the BN-folded model cannot train
+    channels_last: bool = False  # feed NHWC-strided images (for models converted to channels_last)
     model: Optional[nn.Module] = None
     params: int = 0
 
@@ -47,6 +48,9 @@ class BenchCase:
             self.model = self.build()
             self.params = sum(p.numel() for p in self.model.parameters())
         return self.model
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def context(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
@@ -81,11 +85,12 @@ def mambavision_cases(model_name: str, paths: Sequence[str] = PATHS, image_size:
         "reference": lambda: BenchCase(f"{model_name} (reference scan)", build("reference")),
         "default": lambda: BenchCase(f"{model_name}", build()),
         "bf16": lambda: BenchCase(f"{model_name} bf16", build(), autocast_bf16=True),
-        "optimized": lambda: BenchCase(f"{model_name} optimized", lambda: optimize_for_inference(build()()),
-                                       inference_only=True),
+        "optimized": lambda: BenchCase(f"{model_name} optimized",
+                                       lambda: optimize_for_inference(build()(), channels_last=True),
+                                       inference_only=True, channels_last=True),
         "optimized_bf16": lambda: BenchCase(f"{model_name} optimized bf16",
-                                            lambda: optimize_for_inference(build()()), autocast_bf16=True,
-                                            inference_only=True),
+                                            lambda: optimize_for_inference(build()(), channels_last=True),
+                                            autocast_bf16=True, inference_only=True, channels_last=True),
         "compile": lambda: BenchCase(f"{model_name} compile", lambda: torch.compile(build()())),
     }
     return [makers[p]() for p in paths]
@@ -130,6 +135,7 @@ def _timed(fn: Callable[[], None]) -> float:
 
 def _infer(case: BenchCase, x: torch.Tensor) -> Callable[[], None]:
     model = case.get().eval()
+    x = case.prepare(x)
 
     def run() -> None:
         with torch.inference_mode(), case.context():
@@ -140,6 +146,7 @@ def _infer(case: BenchCase, x: torch.Tensor) -> Callable[[], None]:
 
 def _train(case: BenchCase, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     model = case.get().train()
+    x = case.prepare(x)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
 
