@@ -64,3 +64,8 @@ def test_missing_checkpoint_subprocess(tmp_path: Path) -> None:
 def test_no_command_prints_help(capsys) -> None:
     assert main([]) == 2
     assert "models" in capsys.readouterr().out
+
+
+def test_bad_size_is_one_line(capsys) -> None:
+    assert main(["forward", "test_mambavision", "--size", "64", "64", "64"]) == 2
+    assert "--size takes H [W]" in capsys.readouterr().err

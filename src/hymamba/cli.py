@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 __all__ = ["main"]
 
@@ -57,6 +57,16 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_size(given: Optional[Sequence[int]], model) -> List[int]:
+    """``--size H [W]`` as [H, W], defaulting to the model's input size."""
+    size = list(given) if given else list(model.pretrained_cfg["input_size"][1:])
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(f"--size takes H [W], positive numbers; got {' '.join(map(str, given or []))}")
+    return size
+
+
 def _forward(args: argparse.Namespace) -> int:
     import torch
 
@@ -64,9 +74,7 @@ def _forward(args: argparse.Namespace) -> int:
     from hymamba.ops import last_scan_impl
 
     model = create_model(args.model, checkpoint_path=args.checkpoint, scan_impl=args.scan_impl).eval()
-    size = args.size or list(model.pretrained_cfg["input_size"][1:])
-    if len(size) == 1:
-        size = size * 2
+    size = _image_size(args.size, model)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, *size)
     with torch.inference_mode():
@@ -284,11 +292,7 @@ def _export(args: argparse.Namespace) -> int:
     from hymamba.factory import create_model
 
     model = create_model(args.model, checkpoint_path=args.checkpoint).eval()
-    size = args.size or list(model.pretrained_cfg["input_size"][1:])
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 1:
-        raise UserError(f"--size takes H [W], positive; got {args.size}")
+    size = _image_size(args.size, model)
     path = export_onnx(model, args.output, image_size=tuple(size), opset=args.opset)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input pixel_values (N, 3, {size[0]}, {size[1]}), "
           f"output logits (N, {model.num_classes}); N is dynamic")
