@@ -17,49 +17,15 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from hymamba.ops import cpu_kernel
+from hymamba.ops import cpu_kernel, selective_scan_ref
 
 SHAPES = ((64, 160, 196, 8), (64, 320, 49, 8), (1, 160, 196, 8), (1, 320, 49, 8))  # batch, dim, L, N
 KERNEL_CALLS = 10  # the kernel is fast: several calls per timed repeat steady its median
-
-
-def _local_reference_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """Sequential scan (selective_scan_ref semantics); y: (batch, dim, L)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[2]):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=2)
-    return y if D is None else y + u * D[:, None]
-
-
-def _reference() -> tuple[Callable[..., Tensor], str]:
-    """The project's reference loop when importable, else the local copy."""
-    try:
-        from hymamba.ops.selective_scan import selective_scan_ref
-    except ImportError:
-        return _local_reference_scan, "local sequential loop"
-    return selective_scan_ref, "hymamba.ops.selective_scan.selective_scan_ref"
 
 
 def make_inputs(batch: int, dim: int, L: int, N: int, dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
@@ -126,7 +92,7 @@ def main() -> None:
     start = time.perf_counter()
     if not cpu_kernel.is_available():
         raise SystemExit(f"CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
-    reference_scan, ref_name = _reference()
+    reference_scan, ref_name = selective_scan_ref, "hymamba.ops.selective_scan_ref"
     print(f"kernel load/build: {time.perf_counter() - start:.1f} s; threads: {torch.get_num_threads()}")
     print(f"reference: {ref_name} (autograd); {args.repeats} interleaved repeats, medians")
     if hasattr(os, "getloadavg"):  # other processes skew 2-thread timings badly
