@@ -24,10 +24,10 @@ def test_benchmark_cli_writes_outputs(tmp_path: Path) -> None:
          "--out", str(out), "--quiet"],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
     assert proc.returncode == 0, proc.stderr
-    assert "test_mambavision (reference scan)" in proc.stdout and "resnet18" in proc.stdout
+    assert "test_mambavision reference" in proc.stdout and "resnet18" in proc.stdout
     data = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in data["results"]]
-    assert names == ["test_mambavision (reference scan)", "test_mambavision", "test_mambavision bf16",
+    assert names == ["test_mambavision reference", "test_mambavision", "test_mambavision bf16",
                      "test_mambavision optimized", "resnet18"]
     for r in data["results"]:
         assert r["throughput"] > 0 and r["latency_ms"] > 0

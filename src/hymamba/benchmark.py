@@ -4,6 +4,11 @@ Machines are noisy, so every number here is relative: all cases are measured in 
 process, repeats are interleaved (case A, case B, ..., then again) so that drift hits every case
 alike, and each metric reports the median with its spread (min-max over repeats).
 
+MambaVision paths: ``reference`` is the plain PyTorch model (the sequential reference scan and
+``F.linear``), ``default`` is what ``create_model`` gives (compiled scan, oneDNN linear layers),
+``bf16`` adds bf16 autocast, ``optimized`` is ``optimize_for_inference`` (BatchNorm folded,
+pre-packed linear weights, channels_last), ``compile`` is ``torch.compile`` of the default model.
+
 Metrics per case: inference throughput at batch ``batch_size`` (img/s), latency at batch 1 (ms),
 a training step at batch ``batch_size`` (forward + backward + optimizer step, s) and the peak
 resident memory that the step adds (MiB; Linux, read from /proc with the high-water mark reset
@@ -78,11 +83,12 @@ def mambavision_cases(model_name: str, paths: Sequence[str] = PATHS, image_size:
     if unknown:
         raise ValueError(f"unknown benchmark paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
 
-    def build(impl: str = "auto") -> Callable[[], nn.Module]:
-        return lambda: create_model(model_name, scan_impl=impl)
+    def build(impl: str = "auto", linear: str = "auto") -> Callable[[], nn.Module]:
+        return lambda: create_model(model_name, scan_impl=impl, linear_impl=linear)
 
     makers = {
-        "reference": lambda: BenchCase(f"{model_name} (reference scan)", build("reference")),
+        # the plain PyTorch model: reference scan, every linear layer through F.linear
+        "reference": lambda: BenchCase(f"{model_name} reference", build("reference", "torch")),
         "default": lambda: BenchCase(f"{model_name}", build()),
         "bf16": lambda: BenchCase(f"{model_name} bf16", build(), autocast_bf16=True),
         "optimized": lambda: BenchCase(f"{model_name} optimized",

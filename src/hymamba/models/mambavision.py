@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from hymamba.ops import selective_scan
+from hymamba.ops.linear import LINEAR_IMPLS, FastLinear
 
 __all__ = ["MambaVision", "MambaVisionMixer", "Attention", "Block", "ConvBlock", "MambaVisionLayer"]
 
@@ -135,10 +136,10 @@ class MambaVisionMixer(nn.Module):
         self.dt_rank = math.ceil(d_model / 16)
         self.scan_impl = scan_impl
         half = self.d_inner // 2
-        self.in_proj = nn.Linear(d_model, self.d_inner, bias=False)
+        self.in_proj = FastLinear(d_model, self.d_inner, bias=False)
         self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.out_proj = FastLinear(self.d_inner, d_model, bias=False)
         # The official code writes bias=conv_bias//2 with conv_bias=True, i.e. no bias.
         self.conv1d_x = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
         self.conv1d_z = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
@@ -239,11 +240,11 @@ class Attention(nn.Module):
             raise ValueError(f"attention width {dim} must be divisible by num_heads, got num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = FastLinear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = FastLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +256,21 @@ class Attention(nn.Module):
         # The official code passes the dropout rate even in eval mode; apply it only in training.
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm's ``Mlp`` layout and parameter names)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = FastLinear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = FastLinear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):
@@ -284,7 +300,7 @@ class Block(nn.Module):
             self.mixer = MambaVisionMixer(dim, d_state=8, d_conv=3, expand=1, scan_impl=scan_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         use_ls = _is_number(layer_scale)
         self.gamma_1 = nn.Parameter(layer_scale * torch.ones(dim)) if use_ls else None
         self.gamma_2 = nn.Parameter(layer_scale * torch.ones(dim)) if use_ls else None
@@ -393,6 +409,8 @@ class MambaVision(nn.Module):
         layer_scale_conv: layer-scale init for conv blocks (None: no gamma).
         global_pool: 'avg' or '' (no pooling in forward_head).
         scan_impl: selective-scan implementation ('auto', 'fast', 'reference', 'cpu', 'mamba_ssm').
+        linear_impl: linear-layer implementation ('auto': oneDNN on CPU float32 where it is
+            faster, else ``F.linear``; 'torch': always ``F.linear``; 'onednn').
     """
 
     def __init__(
@@ -414,6 +432,7 @@ class MambaVision(nn.Module):
         layer_scale_conv: Optional[float] = None,
         global_pool: str = "avg",
         scan_impl: str = "auto",
+        linear_impl: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -438,11 +457,12 @@ class MambaVision(nn.Module):
             )
             self.feature_info.append(dict(num_chs=width, reduction=4 * 2**i, module=f"levels.{i}"))
         self.norm = nn.BatchNorm2d(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = FastLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         for m in self.modules():
             if isinstance(m, MambaVisionMixer):
                 m.reset_ssm_parameters()
+        self.set_linear_impl(linear_impl)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -461,6 +481,15 @@ class MambaVision(nn.Module):
         for m in self.modules():
             if isinstance(m, MambaVisionMixer):
                 m.scan_impl = impl
+
+    def set_linear_impl(self, impl: str) -> None:
+        """Choose how the token levels' and the head's linear layers run ('auto', 'torch', 'onednn')."""
+        if impl not in LINEAR_IMPLS:
+            raise ValueError(f"linear_impl must be one of {LINEAR_IMPLS}, got {impl!r}")
+        self.linear_impl = impl
+        for m in self.modules():
+            if isinstance(m, FastLinear):
+                m.impl = impl
 
     # -- timm model contract -----------------------------------------------------------------
 
@@ -498,8 +527,8 @@ class MambaVision(nn.Module):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         ref = next(self.patch_embed.parameters())
-        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
-            if num_classes > 0 else nn.Identity()
+        self.head = FastLinear(self.num_features, num_classes, impl=self.linear_impl, device=ref.device,
+                               dtype=ref.dtype) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
 

@@ -1,0 +1,158 @@
+"""The oneDNN linear path (hymamba.ops.linear): same maths as F.linear, forward and backward,
+chosen only where it applies, invisible to tracers, compilers, exporters and FLOP counters."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hymamba
+from hymamba.flops import count_macs
+from hymamba.inference import optimize_for_inference
+from hymamba.ops.linear import FastLinear, linear, linear_impl_for, onednn_linear_available
+
+from conftest import load_case
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available()[0], reason=str(onednn_linear_available()[1]))
+
+
+def _inputs(shape, k=160, n=192, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 49), (2, 5, 11)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_gradients_match_f_linear(shape, bias) -> None:
+    x, w, b = _inputs(shape, bias=bias)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    assert linear_impl_for(leaves[0], leaves[1], "onednn") == "onednn"
+    got = linear(leaves[0], leaves[1], leaves[2] if bias else None, impl="onednn")
+    want = F.linear(refs[0], refs[1], refs[2] if bias else None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.grad_fn is not None and "OneDNN" in type(got.grad_fn).__name__
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    for a, r in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_input_and_partial_gradients() -> None:
+    x, w, b = _inputs((64,), k=130)
+    xt = x.t().contiguous().t()  # same values, transposed strides
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(linear(xt, w, b, impl="onednn"), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_()  # input without grad, weight with: only the weight gets one
+    linear(x, wg, b, impl="onednn").sum().backward()
+    torch.testing.assert_close(wg.grad, torch.ones(w.shape[0], 64) @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_choice() -> None:
+    x, w, b = _inputs((4,), k=256, n=256)
+    assert linear_impl_for(x, w) == "onednn"
+    assert linear_impl_for(x, w[:64]) == "torch"  # small GEMMs stay in MKL
+    assert linear_impl_for(x.double(), w.double()) == "torch"
+    assert linear_impl_for(x.bfloat16(), w.bfloat16()) == "torch"
+    assert linear_impl_for(x, w, "torch") == "torch"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_impl_for(x, w) == "torch"  # autocast must see F.linear to cast it
+        assert linear_impl_for(x, w, "onednn") == "torch"
+    with torch.device("cpu"):  # any torch-function mode (FLOP counters, ...) sees F.linear
+        assert linear_impl_for(x, w) == "torch"
+
+
+def test_environment_override(monkeypatch) -> None:
+    x, w, _ = _inputs((4,), k=256, n=256)
+    monkeypatch.setenv("HYMAMBA_LINEAR_IMPL", "torch")
+    assert linear_impl_for(x, w) == "torch"
+    assert linear_impl_for(x, w, "onednn") == "onednn"  # an explicit argument wins
+    monkeypatch.setenv("HYMAMBA_LINEAR_IMPL", "fastest")
+    with pytest.raises(ValueError, match="HYMAMBA_LINEAR_IMPL='fastest'.*expected one of"):
+        linear(x, w)
+
+
+def test_clear_errors() -> None:
+    x, w, _ = _inputs((4,))
+    with pytest.raises(RuntimeError, match="CPU float32 tensors only.*float64.*impl='auto'"):
+        linear(x.double(), w.double(), impl="onednn")
+    with pytest.raises(ValueError, match="one of"):
+        linear(x, w, impl="mkl")
+    with pytest.raises(ValueError, match="one of"):
+        FastLinear(4, 4, impl="mkl")
+    with pytest.raises(ValueError, match="linear_impl must be one of"):
+        hymamba.create_model("test_mambavision", linear_impl="mkl")
+
+
+def test_prepacked_weights_follow_changes_and_survive_copies() -> None:
+    layer = FastLinear(160, 192, impl="onednn")
+    x = torch.randn(3, 10, 160)
+    layer.prepacked = True
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert layer._packed is not None
+        layer.weight.mul_(-2.0)  # an in-place change must repack, not serve stale weights
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._packed is None and clone.prepacked
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    assert sorted(layer.state_dict()) == ["bias", "weight"]
+    # with gradients the packed copy is bypassed and the weight gets its gradient
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_official_fixture_through_onednn_linear() -> None:
+    """The fixture model with every linear layer on oneDNN: outputs and gradients still match."""
+    case = load_case("tiny_b")
+    exp = case["tensors"]
+    model = hymamba.MambaVision(**case["config"], linear_impl="onednn")
+    hymamba.load_checkpoint(model, case["checkpoint_path"], strict=True)
+    model.eval()
+    x = exp["input"].float()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), exp["logits"].float(), rtol=0, atol=1e-4)
+        packed = optimize_for_inference(model)
+        torch.testing.assert_close(packed(x), exp["logits"].float(), rtol=0, atol=1e-4)
+    assert all(m.prepacked for m in packed.modules() if isinstance(m, FastLinear))
+    (model(x) * exp["loss_weight"].float()).sum().backward()
+    for n, p in model.named_parameters():
+        ref = exp[f"grad.{n}"]
+        torch.testing.assert_close(p.grad, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()) + 1e-7, msg=n)
+
+
+def test_tracers_compilers_and_counters_see_f_linear() -> None:
+    torch.manual_seed(0)
+    model = hymamba.create_model("test_mambavision", linear_impl="onednn").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert "mkldnn::_linear_pointwise" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(model, (x,))
+    assert "_linear_pointwise" not in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), want, rtol=1e-5, atol=1e-5)
+    macs_onednn, _ = count_macs(model, (3, 64, 64))
+    model.set_linear_impl("torch")
+    assert count_macs(model, (3, 64, 64))[0] == macs_onednn
+
+
+def test_model_linear_impl_plumbing() -> None:
+    model = hymamba.create_model("test_mambavision", linear_impl="torch", num_classes=5)
+    layers = [m for m in model.modules() if isinstance(m, FastLinear)]
+    assert layers and all(m.impl == "torch" for m in layers)
+    model.reset_classifier(7)
+    assert isinstance(model.head, FastLinear) and model.head.impl == "torch"
+    model.set_linear_impl("onednn")
+    assert all(m.impl == "onednn" for m in model.modules() if isinstance(m, FastLinear))
