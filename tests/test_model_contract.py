@@ -56,10 +56,21 @@ def test_forward_intermediates(model) -> None:
         final, inter = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x))
         assert [t.shape[1] for t in inter] == [16, 32, 64, 128]
+        # the conv levels run NHWC-strided on CPU; what the user gets is plain NCHW-contiguous
+        assert all(t.is_contiguous() for t in inter) and final.is_contiguous()
         only = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
         torch.testing.assert_close(only[1], inter[2])
         nhwc = model.forward_intermediates(x, indices=1, output_fmt="NHWC", intermediates_only=True)
         torch.testing.assert_close(nhwc[0], inter[3].permute(0, 2, 3, 1))
+
+
+def test_conv_layout_keeps_values() -> None:
+    from hymamba.models.mambavision import conv_layout
+
+    x = torch.randn(2, 5, 6, 7)
+    y = conv_layout(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
+    assert conv_layout(x.double()) is not None and conv_layout(x.double()).is_contiguous()
 
 
 def test_grad_checkpointing_same_outputs_and_grads() -> None:
@@ -151,7 +162,7 @@ def test_torch_export(model) -> None:
 def test_torch_compile(model) -> None:
     model.set_linear_impl("onednn")  # compiled graphs must get F.linear (inductor packs its own)
     x = torch.randn(1, 3, 64, 64)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)  # no graph breaks, in our code or the scan
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 

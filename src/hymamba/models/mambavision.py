@@ -53,6 +53,17 @@ def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> t
     return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, h, w)
 
 
+def conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """The activation layout the convolutions run fastest in: NHWC strides ('channels_last') on CPU.
+
+    oneDNN computes convolutions in NHWC; given NCHW activations it reorders them on every call,
+    forward and backward. Same values, different strides; the weights keep their layout.
+    """
+    if x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # stem, downsample, conv block
 
@@ -558,14 +569,14 @@ class MambaVision(nn.Module):
         take, max_index = feature_take_indices(len(self.levels), indices)
         last = max_index if stop_early or intermediates_only else len(self.levels) - 1
         intermediates = []
-        x = self.patch_embed(x)
+        x = self.patch_embed(conv_layout(x))
         for i, level in enumerate(self.levels[: last + 1]):
             x = level(x)
             if i in take:
                 feat = self.norm(x) if norm and i == len(self.levels) - 1 else x
-                intermediates.append(feat if output_fmt == "NCHW" else feat.permute(0, 2, 3, 1))
+                intermediates.append(feat.contiguous() if output_fmt == "NCHW" else feat.permute(0, 2, 3, 1))
             if level.downsample is not None and i < last:
-                x = level.downsample(x)
+                x = level.downsample(conv_layout(x))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -586,11 +597,11 @@ class MambaVision(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> unpooled features after the final norm (B, num_features, H/32, W/32)."""
-        x = self.patch_embed(x)
+        x = self.patch_embed(conv_layout(x))
         for level in self.levels:
             x = level(x)
             if level.downsample is not None:
-                x = level.downsample(x)
+                x = level.downsample(conv_layout(x))
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

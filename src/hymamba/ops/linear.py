@@ -112,7 +112,9 @@ def _skip_onednn() -> bool:
 
 
 def _use_onednn(x: Tensor, weight: Tensor, impl: str) -> bool:
-    if impl == "torch" or not isinstance(x, Tensor):
+    # is_compiling() first: torch.compile folds it to True and traces plain F.linear, without
+    # graph breaks on the checks below
+    if torch.compiler.is_compiling() or impl == "torch" or not isinstance(x, Tensor):
         return False
     if impl == "auto":
         env = os.environ.get(_ENV_VAR)
