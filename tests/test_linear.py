@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import hymamba
 from hymamba.flops import count_macs
 from hymamba.inference import optimize_for_inference
-from hymamba.ops.linear import FastLinear, linear, linear_impl_for, onednn_linear_available
+from hymamba.ops.linear import (FastLinear, gelu_linear, layer_norm_linear, linear, linear_impl_for,
+                                 onednn_linear_available)
 
 from conftest import load_case
 
@@ -156,3 +157,81 @@ def test_model_linear_impl_plumbing() -> None:
     assert isinstance(model.head, FastLinear) and model.head.impl == "torch"
     model.set_linear_impl("onednn")
     assert all(m.impl == "onednn" for m in model.modules() if isinstance(m, FastLinear))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while running fn()."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("impl", ["auto", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recomputing_compositions_same_gradients_less_memory(impl: str, dtype: torch.dtype) -> None:
+    """norm -> fc1 -> GELU -> fc2 through layer_norm_linear + gelu_linear against stock layers."""
+    if impl == "onednn" and dtype == torch.float64:
+        pytest.skip("oneDNN linear is float32 only")
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(32).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    fc1, fc2 = FastLinear(32, 128, impl=impl).to(dtype), FastLinear(128, 32, impl=impl).to(dtype)
+    params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+    x = torch.randn(3, 10, 32, dtype=dtype) * 2 + 1
+    x_a, x_b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, saved_fused = _saved_bytes(lambda: gelu_linear(layer_norm_linear(x_a, norm, fc1, impl), fc2, impl))
+    assert "GeluLinear" in type(got.grad_fn).__name__
+    grads_fused = torch.autograd.grad(got, [x_a, *params], torch.ones_like(got))
+    want, saved_plain = _saved_bytes(lambda: fc2(F.gelu(fc1(norm(x_b)))))
+    grads_plain = torch.autograd.grad(want, [x_b, *params], torch.ones_like(want))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for a, b in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # exactly one hidden-width (GELU output) and one input-width (LayerNorm output) tensor fewer
+    assert saved_plain - saved_fused == 3 * 10 * (128 + 32) * x.element_size()
+
+
+def test_recomputing_compositions_are_plain_elsewhere(monkeypatch) -> None:
+    norm, fc1, fc2 = torch.nn.LayerNorm(32), FastLinear(32, 128), FastLinear(128, 32)
+    x = torch.randn(4, 32, requires_grad=True)
+    assert "LayerNormLinear" in type(layer_norm_linear(x, norm, fc1).grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gelu_linear(layer_norm_linear(x, norm, fc1), fc2)
+    assert out.dtype == torch.bfloat16 and "GeluLinear" not in type(out.grad_fn).__name__
+    with torch.no_grad():
+        assert gelu_linear(layer_norm_linear(x, norm, fc1), fc2).grad_fn is None
+    assert "LayerNormLinear" not in type(layer_norm_linear(x, norm, fc1, "torch").grad_fn).__name__
+    monkeypatch.setenv("HYMAMBA_LINEAR_IMPL", "torch")  # stock layers process-wide
+    assert "GeluLinear" not in type(gelu_linear(x @ torch.ones(32, 128), fc2).grad_fn).__name__
+
+
+def test_model_training_keeps_less_for_backward_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = hymamba.create_model("test_mambavision", drop_path_rate=0.0).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    from hymamba.models.mambavision import Block
+
+    block_inputs = []
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.register_forward_hook(lambda mod, args, out: block_inputs.append(args[0].numel()))
+    results = {}
+    for impl in ("auto", "torch"):
+        model.set_linear_impl(impl)
+        model.zero_grad()
+        out, saved = _saved_bytes(lambda: model(x))
+        out.square().sum().backward()
+        results[impl] = (saved, {n: p.grad.clone() for n, p in model.named_parameters()})
+    # per token block: the two LayerNorm outputs and the MLP's GELU output (4x wide) are not kept
+    per_pass = sum(block_inputs) // 2
+    assert results["torch"][0] - results["auto"][0] == per_pass * (1 + 1 + 4) * 8
+    for n, g in results["torch"][1].items():
+        torch.testing.assert_close(results["auto"][1][n], g, rtol=1e-10, atol=1e-12, msg=n)

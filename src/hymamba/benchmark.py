@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import ctypes.util
+import gc
 import json
 import statistics
 import time
@@ -124,7 +127,18 @@ def _rss_kib(field_name: str) -> Optional[int]:
     return None
 
 
+def _release_free_memory() -> None:
+    """Hand memory that the allocator holds but no tensor uses back to the OS (glibc), so that the
+    next step's allocations show up in the resident high-water mark instead of reusing it."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
+    gc.collect()
+    _release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -218,8 +232,9 @@ def run_benchmark(
         for c in trainable:
             for _ in range(warmup):
                 tick(c.name + " train", train_runners[c.name])
+            peak_ok = _reset_peak()  # frees cached memory first, so read the baseline after it
             before = _rss_kib("VmRSS")
-            peak_ok = _reset_peak() and before is not None
+            peak_ok = peak_ok and before is not None
             tick(c.name + " memory", train_runners[c.name])
             if peak_ok:
                 peaks[c.name] = (_rss_kib("VmHWM") - before) / 1024

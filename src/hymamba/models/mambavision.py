@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from hymamba.ops import selective_scan
-from hymamba.ops.linear import LINEAR_IMPLS, FastLinear
+from hymamba.ops.linear import LINEAR_IMPLS, FastLinear, gelu_linear, layer_norm_linear
 
 __all__ = ["MambaVision", "MambaVisionMixer", "Attention", "Block", "ConvBlock", "MambaVisionLayer"]
 
@@ -177,8 +177,8 @@ class MambaVisionMixer(nn.Module):
         b, length, _ = hidden_states.shape
         return b * length * self.d_inner * self.conv1d_x.kernel_size[0]
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) -> (B, L, C).
+    def forward(self, hidden_states: torch.Tensor, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """(B, L, C) -> (B, L, C); ``norm`` (the block's pre-norm) is applied first when given.
 
         Computed token-major, (B, L, C), so that no activation is transposed in memory: the two
         depthwise 'same' convs along L run as one set of shifted multiply-adds over all C channels
@@ -187,7 +187,8 @@ class MambaVisionMixer(nn.Module):
         per-branch code.
         """
         half = self.d_inner // 2
-        xz = self.in_proj(hidden_states)  # (B, L, C)
+        xz = self.in_proj(hidden_states) if norm is None else \
+            layer_norm_linear(hidden_states, norm, self.in_proj, self.in_proj.impl)  # (B, L, C)
         conv_w = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight], dim=0)[:, 0]  # (C, d_conv)
         xz = F.silu(depthwise_conv_same(xz, conv_w))  # (B, L, C)
         x, z = xz[..., :half], xz[..., half:]  # (B, L, C/2) each
@@ -258,10 +259,11 @@ class Attention(nn.Module):
         self.proj = FastLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C)."""
+    def forward(self, x: torch.Tensor, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C); ``norm`` (the block's pre-norm) is applied first when given."""
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x) if norm is None else layer_norm_linear(x, norm, self.qkv, self.qkv.impl)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         # The official code passes the dropout rate even in eval mode; apply it only in training.
@@ -270,7 +272,11 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm's ``Mlp`` layout and parameter names)."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm's ``Mlp`` layout and parameter names).
+
+    Without dropout, training recomputes the GELU in backward instead of keeping its output
+    (:func:`hymamba.ops.linear.gelu_linear`): less memory, same gradients.
+    """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -280,8 +286,12 @@ class Mlp(nn.Module):
         self.fc2 = FastLinear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C); ``norm`` (the block's pre-norm) is applied first when given."""
+        h = self.fc1(x) if norm is None else layer_norm_linear(x, norm, self.fc1, self.fc1.impl)
+        if self.drop1.p == 0.0 or not self.training:  # the released models use no MLP dropout
+            return self.drop2(gelu_linear(h, self.fc2, self.fc2.impl))
+        return self.drop2(self.fc2(self.drop1(self.act(h))))
 
 
 class Block(nn.Module):
@@ -317,9 +327,11 @@ class Block(nn.Module):
         self.gamma_2 = nn.Parameter(layer_scale * torch.ones(dim)) if use_ls else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.mixer(self.norm1(x))
+        # the norms are handed to the next layer, which recomputes them in backward instead of
+        # keeping their outputs (hymamba.ops.linear.layer_norm_linear); same maths
+        y = self.mixer(x, self.norm1)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
-        y = self.mlp(self.norm2(x))
+        y = self.mlp(x, self.norm2)
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
 
 

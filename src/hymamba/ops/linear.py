@@ -7,14 +7,19 @@ oneDNN's blocked layout (see ``benchmarks/bench_linear.py``). This module routes
 through ``torch.ops.mkldnn._linear_pointwise`` (the oneDNN linear that PyTorch's own compiler
 uses) where that pays, with its own backward, and falls back to ``F.linear`` everywhere else.
 
+It also has two memory-saving compositions for training, :func:`layer_norm_linear` and
+:func:`gelu_linear`, which recompute a LayerNorm or a GELU in backward instead of keeping its
+output alive between forward and backward.
+
 Implementations (``impl``):
 
 * ``"auto"`` (default): oneDNN for CPU float32 tensors when both weight dimensions are at least
   :data:`MIN_FEATURES` (smaller GEMMs are faster in MKL), outside autocast and outside any
   tracing/compiling/exporting and any torch-function or dispatch mode (torch.compile,
   torch.export, jit, ONNX and FLOP counters see plain ``F.linear``);
-  ``F.linear`` otherwise. ``HYMAMBA_LINEAR_IMPL=torch`` turns it off process-wide.
-* ``"torch"``: always ``F.linear``.
+  ``F.linear`` otherwise. ``HYMAMBA_LINEAR_IMPL`` overrides ``"auto"`` process-wide.
+* ``"torch"``: stock layers: always ``F.linear``, and :func:`layer_norm_linear` /
+  :func:`gelu_linear` are the plain compositions.
 * ``"onednn"``: oneDNN for every CPU float32 call whatever its size (used by the tests); a clear
   error for anything else.
 
@@ -32,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["LINEAR_IMPLS", "MIN_FEATURES", "FastLinear", "linear", "linear_impl_for", "onednn_linear_available"]
+__all__ = ["LINEAR_IMPLS", "MIN_FEATURES", "FastLinear", "gelu_linear", "layer_norm_linear", "linear",
+           "linear_impl_for", "onednn_linear_available"]
 
 LINEAR_IMPLS = ("auto", "torch", "onednn")
 MIN_FEATURES = 128
@@ -111,18 +117,26 @@ def _skip_onednn() -> bool:
     )
 
 
-def _use_onednn(x: Tensor, weight: Tensor, impl: str) -> bool:
-    # is_compiling() first: torch.compile folds it to True and traces plain F.linear, without
-    # graph breaks on the checks below
-    if torch.compiler.is_compiling() or impl == "torch" or not isinstance(x, Tensor):
-        return False
+def _effective_impl(impl: str) -> str:
+    """``impl``, with ``"auto"`` overridden by ``HYMAMBA_LINEAR_IMPL`` when that is set."""
     if impl == "auto":
         env = os.environ.get(_ENV_VAR)
         if env:
             if env not in LINEAR_IMPLS:
                 raise ValueError(f"{_ENV_VAR}={env!r} is not a valid linear impl; expected one of {LINEAR_IMPLS}")
-            if env != "auto":
-                return _use_onednn(x, weight, env)
+            return env
+    return impl
+
+
+def _use_onednn(x: Tensor, weight: Tensor, impl: str) -> bool:
+    # is_compiling() first: torch.compile folds it to True and traces plain F.linear, without
+    # graph breaks on the checks below
+    if torch.compiler.is_compiling() or impl == "torch" or not isinstance(x, Tensor):
+        return False
+    impl = _effective_impl(impl)
+    if impl == "torch":
+        return False
+    if impl == "auto":
         return (
             x.is_cpu
             and x.dtype is torch.float32
@@ -173,6 +187,95 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, impl: str =
     if _needs_grad(x, weight, bias):
         return _OneDNNLinearFn.apply(x, weight, bias)
     return _onednn(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# memory-saving compositions: recompute a cheap elementwise op in backward instead of keeping
+# its output alive until backward
+
+
+def _recompute_applies(impl: str, x: Tensor, *params: Optional[Tensor]) -> bool:
+    """Use the recomputing functions: not impl 'torch' (stock layers), gradients wanted, plain
+    eager mode (autocast, tracers, compilers and exporters get the plain composition, which they
+    know how to handle)."""
+    return (
+        _effective_impl(impl) != "torch"
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+        and not _skip_onednn()
+        and any(t is not None and t.requires_grad for t in (x,) + params)
+    )
+
+
+def _weight_grads(grad2: Tensor, inp: Tensor, need_w: bool, need_b: bool) -> tuple:
+    grad_w = grad2.t().mm(inp.reshape(-1, inp.shape[-1])) if need_w else None
+    return grad_w, (grad2.sum(0) if need_b else None)
+
+
+class _LayerNormLinearFn(torch.autograd.Function):
+    """linear(layer_norm(x)) keeping x for backward but not the normalised x (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, eps, w, b, impl):  # type: ignore[override]
+        xn, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, w)
+        ctx.eps, ctx.impl, ctx.has_b = eps, impl, b is not None
+        return linear(xn, w, b, impl)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, mean, rstd, ln_w, ln_b, w = ctx.saved_tensors
+        need_x, need_lnw, need_lnb, _, need_w, need_b = ctx.needs_input_grad[:6]
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = grad_b = None
+        if need_w or need_b:
+            xn = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, ctx.eps)[0]
+            grad_w, grad_b = _weight_grads(grad2, xn, need_w, need_b and ctx.has_b)
+        grad_x = grad_lnw = grad_lnb = None
+        if need_x or need_lnw or need_lnb:
+            grad_xn = linear(grad, w.t(), None, ctx.impl)
+            grad_x, grad_lnw, grad_lnb = torch.ops.aten.native_layer_norm_backward(
+                grad_xn, x, [x.shape[-1]], mean, rstd, ln_w, ln_b, [need_x, need_lnw, need_lnb])
+        return grad_x, grad_lnw, grad_lnb, None, grad_w, grad_b, None
+
+
+class _GeluLinearFn(torch.autograd.Function):
+    """linear(gelu(h)) (exact GELU) keeping h for backward but not gelu(h) (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, impl):  # type: ignore[override]
+        ctx.save_for_backward(h, w)
+        ctx.impl, ctx.has_b = impl, b is not None
+        return linear(F.gelu(h), w, b, impl)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        h, w = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_w, grad_b = _weight_grads(grad2, F.gelu(h), need_w, need_b and ctx.has_b) \
+            if (need_w or need_b) else (None, None)
+        grad_h = torch.ops.aten.gelu_backward(linear(grad, w.t(), None, ctx.impl), h) if need_h else None
+        return grad_h, grad_w, grad_b, None
+
+
+def layer_norm_linear(x: Tensor, norm: nn.LayerNorm, fc: nn.Linear, impl: str = "auto") -> Tensor:
+    """``fc(norm(x))``. With gradients (plain eager mode, ``impl`` not ``"torch"``) one autograd
+    function that keeps ``x`` but not ``norm(x)`` for backward, recomputing the normalisation
+    there: one token-width activation less per call, same values and gradients."""
+    if _recompute_applies(impl, x, norm.weight, norm.bias, fc.weight, fc.bias):
+        return _LayerNormLinearFn.apply(x, norm.weight, norm.bias, norm.eps, fc.weight, fc.bias, impl)
+    return fc(norm(x))
+
+
+def gelu_linear(h: Tensor, fc: nn.Linear, impl: str = "auto") -> Tensor:
+    """``fc(gelu(h))`` (exact GELU). With gradients (plain eager mode, ``impl`` not ``"torch"``)
+    one autograd function that keeps ``h`` but not ``gelu(h)`` for backward, recomputing the GELU there: in an MLP with 4x
+    expansion that is four token-width activations less, same values and gradients."""
+    if _recompute_applies(impl, h, fc.weight, fc.bias):
+        return _GeluLinearFn.apply(h, fc.weight, fc.bias, impl)
+    return fc(F.gelu(h))
 
 
 class FastLinear(nn.Linear):
