@@ -235,3 +235,10 @@ def test_model_training_keeps_less_for_backward_same_gradients() -> None:
     assert results["torch"][0] - results["auto"][0] == per_pass * (1 + 1 + 4) * 8
     for n, g in results["torch"][1].items():
         torch.testing.assert_close(results["auto"][1][n], g, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_meta_device_training_forward() -> None:
+    """Shape inference on the meta device (no autocast there) goes through the same code."""
+    model = hymamba.create_model("test_mambavision", num_classes=3).to("meta").train()
+    out = model(torch.randn(2, 3, 64, 64, device="meta", requires_grad=True))
+    assert out.shape == (2, 3) and out.device.type == "meta"
