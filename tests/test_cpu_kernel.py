@@ -351,6 +351,18 @@ def tiny_args(seed: int = 0) -> tuple[Tensor, ...]:
     )
 
 
+def test_no_grad_path_matches_autograd_path(kernel: None) -> None:
+    """Without gradients the call skips the autograd.Function; same values, no graph."""
+    args = [t.float() for t in make_inputs(2, 24, 13, 8)]
+    want = selective_scan_cpu(*[a.clone().requires_grad_() for a in args], delta_softplus=True)
+    with torch.no_grad():
+        got = selective_scan_cpu(*args, delta_softplus=True)
+    assert got.grad_fn is None and want.grad_fn is not None
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(selective_scan_cpu(*args, delta_softplus=True), got, rtol=0, atol=0)
+
+
 def test_torch_compile(kernel: None) -> None:
     torch._dynamo.reset()
     model = TinyScan()

@@ -581,4 +581,9 @@ def selective_scan_cpu(
         # FakeTensor: go through the custom op, which has a fake impl. Its
         # real impl checks availability when the graph runs.
         return torch.ops.hymamba.scan_cpu_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in inputs):
+        # nothing to differentiate: skip the autograd.Function machinery (half the cost of a
+        # small call, e.g. batch-1 inference)
+        return _run_fwd(_require(), u, delta, A, B, C, D, delta_bias, delta_softplus)
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
