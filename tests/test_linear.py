@@ -242,3 +242,20 @@ def test_meta_device_training_forward() -> None:
     model = hymamba.create_model("test_mambavision", num_classes=3).to("meta").train()
     out = model(torch.randn(2, 3, 64, 64, device="meta", requires_grad=True))
     assert out.shape == (2, 3) and out.device.type == "meta"
+
+
+def test_torch_func_transforms_see_plain_layers() -> None:
+    """torch.func.grad (per-sample gradients, meta-learning) works through the model."""
+    torch.manual_seed(0)
+    # eval: BatchNorm's running-stat updates are in-place, which torch.func.grad refuses
+    model = hymamba.create_model("test_mambavision", num_classes=3, linear_impl="onednn").eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x = torch.randn(2, 3, 64, 64)
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    loss(dict(model.named_parameters())).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)

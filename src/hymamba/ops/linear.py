@@ -15,8 +15,9 @@ Implementations (``impl``):
 
 * ``"auto"`` (default): oneDNN for CPU float32 tensors when both weight dimensions are at least
   :data:`MIN_FEATURES` (smaller GEMMs are faster in MKL), outside autocast and outside any
-  tracing/compiling/exporting and any torch-function or dispatch mode (torch.compile,
-  torch.export, jit, ONNX and FLOP counters see plain ``F.linear``);
+  tracing/compiling/exporting, any torch-function or dispatch mode and torch.func transforms
+  (torch.compile, torch.export, jit, ONNX, FLOP counters, torch.func.grad/vmap see plain
+  ``F.linear``);
   ``F.linear`` otherwise. ``HYMAMBA_LINEAR_IMPL`` overrides ``"auto"`` process-wide.
 * ``"torch"``: stock layers: always ``F.linear``, and :func:`layer_norm_linear` /
   :func:`gelu_linear` are the plain compositions.
@@ -103,12 +104,19 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _functorch_active() -> bool:
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def _skip_onednn() -> bool:
-    """True while tracing, compiling, exporting or under a torch-function/dispatch mode (FLOP
-    counters, fake tensors): those must see plain ``F.linear``."""
+    """True while tracing, compiling, exporting, under a torch-function/dispatch mode (FLOP
+    counters, fake tensors) or a torch.func transform (grad, vmap): those must see plain
+    ``F.linear``."""
     return (
         torch._C._is_torch_function_mode_enabled()
         or _get_current_dispatch_mode() is not None
+        or _functorch_active()
         or torch.compiler.is_compiling()
         or _is_exporting()
         or torch.jit.is_tracing()
