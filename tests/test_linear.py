@@ -259,3 +259,25 @@ def test_torch_func_transforms_see_plain_layers() -> None:
     loss(dict(model.named_parameters())).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_double_backward_gradient_penalty() -> None:
+    """create_graph=True (gradient penalties, R1 regularisation): the custom backwards are built
+    from differentiable ops, so second-order gradients match the stock layers'."""
+    torch.manual_seed(0)
+    model = hymamba.create_model("test_mambavision", num_classes=3, drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 64, 64)
+    results = {}
+    for impl in ("onednn", "torch"):
+        model.set_linear_impl(impl)
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        # the flash-attention CPU kernel has no double backward (stock PyTorch); the math one has
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            (gx,) = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        gx.square().sum().backward()
+        results[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert results["onednn"].keys() == results["torch"].keys() and len(results["torch"]) > 50
+    scale = max(float(g.abs().max()) for g in results["torch"].values())
+    for n, g in results["torch"].items():  # (conv biases before a BatchNorm have ~0 gradients)
+        torch.testing.assert_close(results["onednn"][n], g, rtol=1e-3, atol=1e-5 * scale, msg=n)

@@ -424,6 +424,8 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's backward is not differentiable
+            return _differentiable_backward(ctx, dout)
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, dbias = _run_bwd(
             _require(), dout, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus
@@ -524,7 +526,15 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     ctx.delta_softplus = delta_softplus
 
 
+def _differentiable_backward(ctx: Any, dout: Tensor) -> tuple[Optional[Tensor], ...]:
+    from hymamba.ops.selective_scan import differentiable_backward
+
+    return differentiable_backward(ctx.saved_tensors, dout, ctx.delta_softplus, ctx.needs_input_grad)
+
+
 def _backward(ctx: Any, dout: Tensor) -> tuple[Optional[Tensor], ...]:
+    if torch.is_grad_enabled():  # create_graph=True
+        return _differentiable_backward(ctx, dout)
     u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dbias = torch.ops.hymamba.scan_cpu_bwd(
         dout, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus

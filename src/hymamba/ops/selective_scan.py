@@ -165,6 +165,36 @@ def selective_scan_ref(
     return _scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
+def differentiable_backward(
+    saved: tuple[Tensor | None, ...],
+    grad_y: Tensor,
+    delta_softplus: bool,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """Gradients of the scan built from the reference recurrence, so that they can be
+    differentiated again: what the fast and compiled backwards use when autograd records the
+    backward pass (``create_graph=True``: gradient penalties, double backward). Their own
+    kernels are not differentiable; this is as slow as the reference, and exact.
+
+    Args:
+        saved: the scan's inputs (u, delta, A, B, C, D, delta_bias) as saved for backward.
+        grad_y: gradient of the output.
+        delta_softplus: the forward's flag.
+        needs_input_grad: per input (at least 7 entries), whether its gradient is wanted.
+    Returns:
+        Seven gradients (None where not wanted) followed by None for ``delta_softplus``.
+    """
+    wanted = [i for i, t in enumerate(saved) if t is not None and needs_input_grad[i]]
+    with torch.enable_grad():
+        y = _scan_ref(*saved, delta_softplus)
+        found = torch.autograd.grad(y, [saved[i] for i in wanted], grad_y, create_graph=True,
+                                    allow_unused=True)
+    grads: list[Tensor | None] = [None] * len(saved)
+    for i, g in zip(wanted, found):
+        grads[i] = torch.zeros_like(saved[i]) if g is None else g
+    return tuple(grads) + (None,)
+
+
 # ------------------------------------------------------------------------------ fast
 class _Prepared(NamedTuple):
     """Scan inputs in the compute dtype and L-major layout (each time step is contiguous).
@@ -449,6 +479,8 @@ def _fwd_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, 
 
 
 def _fwd_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+        return differentiable_backward(ctx.saved_tensors, grad_y, ctx.delta_softplus, ctx.needs_input_grad)
     u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
     grads = torch.ops.hymamba.selective_scan_bwd(
         grad_y, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus
