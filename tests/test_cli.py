@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,15 @@ def test_forward_subprocess(fixtures: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "-> logits (2, 10)" in proc.stdout and "selective scan: reference" in proc.stdout
     assert "stage4: (2, 128, 3, 3)" in proc.stdout
+    from hymamba.ops.linear import onednn_linear_available
+
+    used = re.search(r"linear layers: (\d+) of (\d+) through oneDNN \(linear_impl=auto\)", proc.stdout)
+    assert used and int(used.group(2)) > 0
+    if onednn_linear_available()[0]:  # the level-4 layers (width 128) qualify; the head does not
+        assert 0 < int(used.group(1)) < int(used.group(2))
+    stock = _run("forward", "test_mambavision", "--linear-impl", "torch")
+    assert stock.returncode == 0, stock.stderr
+    assert re.search(r"linear layers: 0 of \d+ through oneDNN \(linear_impl=torch\)", stock.stdout)
 
 
 def test_user_errors_are_one_line(capsys) -> None:

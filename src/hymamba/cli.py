@@ -72,8 +72,10 @@ def _forward(args: argparse.Namespace) -> int:
 
     from hymamba.factory import create_model
     from hymamba.ops import last_scan_impl
+    from hymamba.ops.linear import FastLinear, linear_impl_for
 
-    model = create_model(args.model, checkpoint_path=args.checkpoint, scan_impl=args.scan_impl).eval()
+    model = create_model(args.model, checkpoint_path=args.checkpoint, scan_impl=args.scan_impl,
+                         linear_impl=args.linear_impl).eval()
     size = _image_size(args.size, model)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, *size)
@@ -86,6 +88,9 @@ def _forward(args: argparse.Namespace) -> int:
           f"weights {'from ' + str(args.checkpoint) if args.checkpoint else 'randomly initialised'}")
     print(f"input {tuple(x.shape)} -> logits {tuple(logits.shape)} in {seconds:.3f} s "
           f"({args.batch_size / seconds:.1f} img/s), selective scan: {last_scan_impl()}")
+    layers = [m for m in model.modules() if isinstance(m, FastLinear)]
+    onednn = sum(linear_impl_for(x.new_empty(1, m.in_features), m.weight, m.impl) == "onednn" for m in layers)
+    print(f"linear layers: {onednn} of {len(layers)} through oneDNN (linear_impl={args.linear_impl})")
     for i, s in enumerate(stages):
         print(f"  stage{i + 1}: {tuple(s.shape)}")
     if not torch.isfinite(logits).all():
@@ -322,6 +327,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="images in the batch (default: 2)")
     p.add_argument("--size", type=int, nargs="+", default=None, help="H [W] (default: the model's input size)")
     p.add_argument("--scan-impl", default="auto", help="selective-scan implementation (default: auto)")
+    p.add_argument("--linear-impl", default="auto", choices=("auto", "torch", "onednn"),
+                   help="linear-layer implementation (default: auto)")
     _COMMANDS["forward"] = _forward
 
     from hymamba.benchmark import PATHS, PEERS
