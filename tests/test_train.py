@@ -112,6 +112,8 @@ def test_precedence_and_unknown_keys(tmp_path: Path) -> None:
     ({"model": "mambavision_zz"}, "unknown model"),
     ({"amp_dtype": "int8"}, "amp_dtype must be one of"),
     ({"freeze_stages": 5}, "freeze_stages must be 0-4"),
+    ({"mixer_variant": "mamba2"}, "mixer_variant must be one of concat, gated"),
+    ({"attention_pattern": "random"}, "attention_pattern must be one of last_half"),
 ])
 def test_impossible_options_are_rejected(override, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -208,6 +210,29 @@ def test_full_recipe_features_run(data: Path, trained: Path, tmp_path: Path) -> 
     frozen = [k for k in after if k.startswith(("patch_embed.", "levels.0.", "levels.1."))]
     assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
     assert not torch.equal(after["levels.2.blocks.0.mlp.fc1.weight"], before["levels.2.blocks.0.mlp.fc1.weight"])
+
+
+def test_ablation_variant_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
+    """--mixer-variant / --attention-pattern reach the model, are recorded beside the weights and
+    rebuild the same architecture in create_model, validate and predict."""
+    from hymamba.evaluate import predict, validate
+    from hymamba.models.mambavision import Attention, MambaVisionMixer
+
+    out = tmp_path / "ablate"
+    summary = train(_tiny(data, out, epochs=1, mixer_variant="causal_conv", attention_pattern="first_half"))
+    assert summary["epochs"] == 1
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["mixer_variant"] == "causal_conv" and meta["attention_pattern"] == "first_half"
+    model = create_model("test_mambavision", checkpoint_path=out / "model.safetensors")
+    mixers = [m for m in model.modules() if isinstance(m, MambaVisionMixer)]
+    assert mixers and all(m.variant == "causal_conv" for m in mixers)
+    assert isinstance(model.levels[2].blocks[0].mixer, Attention)  # attention first
+    final = validate("test_mambavision", out / "model.safetensors", data=str(data), batch_size=4, workers=0)
+    assert final["top1"] == pytest.approx(summary["final_top1"])
+    resumable = validate("test_mambavision", out / "last.pth", data=str(data), batch_size=4, workers=0)
+    assert 0.0 <= resumable["top1"] <= 100.0  # the training checkpoint records the options too
+    image = next((data / "val").rglob("*.png"))
+    assert len(predict("test_mambavision", out / "model.safetensors", [image], topk=2)[0]["top"]) == 2
 
 
 def test_fine_tune_with_a_new_head(trained: Path, tmp_path: Path) -> None:

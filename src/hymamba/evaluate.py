@@ -132,7 +132,7 @@ def model_metadata(checkpoint: Optional[str | os.PathLike]) -> Dict[str, Any]:
         return {}
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         return {}
-    return dict(state.get("data_config", {}), class_names=state.get("class_names"))
+    return dict(state.get("data_config", {}), **state.get("architecture", {}), class_names=state.get("class_names"))
 
 
 def model_class_names(meta: Dict[str, Any], num_outputs: int) -> Optional[List[str]]:
@@ -155,6 +155,7 @@ def load_model(model_name: str, checkpoint: Optional[str | os.PathLike] = None, 
     """
     from hymamba.checkpoint import checkpoint_num_classes, load_checkpoint
     from hymamba.factory import create_model
+    from hymamba.models.mambavision import ABLATION_OPTIONS
 
     if checkpoint is None and not pretrained:
         raise ValueError("no weights to evaluate: pass --checkpoint PATH (a model.safetensors, a training .pth, "
@@ -164,7 +165,9 @@ def load_model(model_name: str, checkpoint: Optional[str | os.PathLike] = None, 
     num_classes = checkpoint_num_classes(checkpoint)
     if num_classes is None:
         raise ValueError(f"{checkpoint} has no classifier head (no head.weight); it cannot classify images")
-    model = create_model(model_name, num_classes=num_classes, scan_impl=scan_impl)
+    meta = model_metadata(checkpoint)  # ablation options the weights were trained with, if any
+    architecture = {k: meta[k] for k in ABLATION_OPTIONS if isinstance(meta.get(k), str)}
+    model = create_model(model_name, num_classes=num_classes, scan_impl=scan_impl, **architecture)
     load_checkpoint(model, checkpoint, strict=True, use_ema=use_ema)
     return model
 

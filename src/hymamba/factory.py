@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 from timm.models import model_entrypoint
 
-from hymamba.models.mambavision import VARIANTS, MambaVision
+from hymamba.models.mambavision import ABLATION_OPTIONS, VARIANTS, MambaVision
 
 __all__ = ["create_model", "list_models", "resolve_model_name"]
 
@@ -51,17 +51,24 @@ def create_model(
         pretrained: load the official weights from a local file (see
             :func:`hymamba.checkpoint.checkpoint_dir`); nothing is downloaded.
         checkpoint_path: a checkpoint to load (official ``.pth.tar``, Hugging Face folder or
-            safetensors). Unless ``num_classes`` is given, the classifier takes the checkpoint's size.
+            safetensors). Unless ``num_classes`` is given, the classifier takes the checkpoint's size;
+            ``mixer_variant``/``attention_pattern`` recorded in a ``model.json`` beside it apply too.
         **kwargs: constructor overrides (``num_classes``, ``drop_path_rate``, ``scan_impl``,
             ``features_only``, ``out_indices``, ...).
     Returns:
         The model (in train mode, as timm returns it).
     """
     name = resolve_model_name(name)
-    if checkpoint_path is not None and "num_classes" not in kwargs:
-        from hymamba.checkpoint import checkpoint_num_classes
+    if checkpoint_path is not None:
+        from hymamba.checkpoint import checkpoint_num_classes, read_config
 
-        n = checkpoint_num_classes(checkpoint_path)
-        if n is not None:
-            kwargs["num_classes"] = n
+        if "num_classes" not in kwargs:
+            n = checkpoint_num_classes(checkpoint_path)
+            if n is not None:
+                kwargs["num_classes"] = n
+        # ablation options recorded beside trained weights (hymamba train's model.json)
+        meta = read_config(checkpoint_path) or {}
+        for key in ABLATION_OPTIONS:
+            if key not in kwargs and isinstance(meta.get(key), str):
+                kwargs[key] = meta[key]
     return model_entrypoint(name)(pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)

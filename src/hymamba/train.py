@@ -222,7 +222,8 @@ class _Trainer:
         from hymamba.factory import create_model
 
         cfg = self.cfg
-        kwargs: Dict[str, Any] = dict(num_classes=len(self.class_names), scan_impl=cfg.scan_impl)
+        kwargs: Dict[str, Any] = dict(num_classes=len(self.class_names), scan_impl=cfg.scan_impl,
+                                      **self._architecture())
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path
         model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
@@ -502,6 +503,12 @@ class _Trainer:
 
     # -- checkpoints and the end -------------------------------------------------------------------
 
+    def _architecture(self) -> Dict[str, str]:
+        from hymamba.models.mambavision import ABLATION_OPTIONS
+
+        """Constructor options beyond the variant name (ablations), saved beside the weights."""
+        return {key: getattr(self.cfg, key) for key in ABLATION_OPTIONS}
+
     def _state(self) -> Dict[str, Any]:
         return {
             "model": self.model.state_dict(),
@@ -515,6 +522,7 @@ class _Trainer:
             "config": config_to_dict(self.cfg),
             "class_names": self.class_names,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
+            "architecture": self._architecture(),
             "history": self.history,
             "best": self.best,
             "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
@@ -578,7 +586,7 @@ class _Trainer:
             "std": list(self.data_config["std"]), "crop_pct": self.data_config["crop_pct"],
             "crop_mode": self.data_config["crop_mode"], "interpolation": self.data_config["interpolation"],
             "weights": "ema" if self.ema is not None else "model", "epochs": summary["epochs"],
-            "val_top1": summary["final_top1"],
+            "val_top1": summary["final_top1"], **self._architecture(),
         }
         save_safetensors(model.state_dict(), self.output / "model.safetensors",
                          metadata={"model": self.cfg.model, "format": "pt"})

@@ -47,6 +47,10 @@ class TrainConfig:
     crop_pct: Optional[float] = _f(None, "evaluation center-crop fraction (default: the model's)")
     drop_path: Optional[float] = _f(0.1, "stochastic depth rate (null: the variant's default)")
     freeze_stages: int = _f(0, "freeze the stem and levels < N (0: train everything)")
+    mixer_variant: str = _f("concat", "token mixer (paper ablation): concat (MambaVision), gated, regular_conv, "
+                                      "causal_conv")
+    attention_pattern: str = _f("last_half", "where attention blocks go in levels 2-3 (paper ablation): last_half "
+                                             "(MambaVision), first_half, interleave, none, all")
     grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     scan_impl: str = _f("auto", "selective-scan implementation")
     max_train_samples: Optional[int] = _f(None, "use only this many training images (spread over the set)")
@@ -209,6 +213,12 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(message)
 
     resolve_model_name(cfg.model)
+    from hymamba.models.mambavision import ATTENTION_PATTERNS, MIXER_VARIANTS
+
+    need(cfg.mixer_variant in MIXER_VARIANTS,
+         f"mixer_variant must be one of {', '.join(MIXER_VARIANTS)}, got {cfg.mixer_variant!r}")
+    need(cfg.attention_pattern in ATTENTION_PATTERNS,
+         f"attention_pattern must be one of {', '.join(ATTENTION_PATTERNS)}, got {cfg.attention_pattern!r}")
     need(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"batch_size must be at least 1, got {cfg.batch_size}")
     need(cfg.val_batch_size is None or cfg.val_batch_size >= 1,

@@ -122,11 +122,22 @@ class ConvBlock(nn.Module):
 # token mixers
 
 
+MIXER_VARIANTS = ("concat", "gated", "regular_conv", "causal_conv")
+
+
 class MambaVisionMixer(nn.Module):
     """The MambaVision token mixer: an SSM branch and a symmetric conv branch, concatenated.
 
     in_proj splits the C channels into x and z (C/2 each); both go through a regular (non-causal)
     depthwise conv1d and SiLU; x then goes through the selective scan; out_proj mixes [y, z].
+
+    ``variant`` selects the paper's token-mixer ablation (the official model is ``"concat"``):
+
+    * ``"causal_conv"``: Mamba's own formulation: causal conv on x, no conv on z, output gated
+      ``y * silu(z)``, out_proj C/2 -> C;
+    * ``"regular_conv"``: the same with a regular (non-causal) conv;
+    * ``"gated"``: the symmetric branch (conv + SiLU on z) but Mamba's gating ``y * z``;
+    * ``"concat"``: the symmetric branch concatenated with y (MambaVision).
     """
 
     def __init__(
@@ -139,8 +150,12 @@ class MambaVisionMixer(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         scan_impl: str = "auto",
+        variant: str = "concat",
     ) -> None:
         super().__init__()
+        if variant not in MIXER_VARIANTS:
+            raise ValueError(f"mixer variant must be one of {MIXER_VARIANTS}, got {variant!r}")
+        self.variant = variant
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = int(expand * d_model)
@@ -150,10 +165,12 @@ class MambaVisionMixer(nn.Module):
         self.in_proj = FastLinear(d_model, self.d_inner, bias=False)
         self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
-        self.out_proj = FastLinear(self.d_inner, d_model, bias=False)
+        gated = variant != "concat"  # y * gate: out_proj reads C/2 channels
+        self.out_proj = FastLinear(half if gated else self.d_inner, d_model, bias=False)
         # The official code writes bias=conv_bias//2 with conv_bias=True, i.e. no bias.
         self.conv1d_x = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
-        self.conv1d_z = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
+        if variant in ("concat", "gated"):  # the symmetric branch
+            self.conv1d_z = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(half, 1))
         self.D = nn.Parameter(torch.ones(half))
         self._dt_init = (dt_min, dt_max, dt_init_floor)
@@ -175,7 +192,8 @@ class MambaVisionMixer(nn.Module):
     def extra_macs(self, hidden_states: torch.Tensor) -> int:
         """Multiply-adds of the depthwise convs, which FLOP counters cannot see as convolutions."""
         b, length, _ = hidden_states.shape
-        return b * length * self.d_inner * self.conv1d_x.kernel_size[0]
+        channels = self.d_inner if self.variant in ("concat", "gated") else self.d_inner // 2
+        return b * length * channels * self.conv1d_x.kernel_size[0]
 
     def forward(self, hidden_states: torch.Tensor, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """(B, L, C) -> (B, L, C); ``norm`` (the block's pre-norm) is applied first when given.
@@ -189,9 +207,14 @@ class MambaVisionMixer(nn.Module):
         half = self.d_inner // 2
         xz = self.in_proj(hidden_states) if norm is None else \
             layer_norm_linear(hidden_states, norm, self.in_proj, self.in_proj.impl)  # (B, L, C)
-        conv_w = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight], dim=0)[:, 0]  # (C, d_conv)
-        xz = F.silu(depthwise_conv_same(xz, conv_w))  # (B, L, C)
-        x, z = xz[..., :half], xz[..., half:]  # (B, L, C/2) each
+        if self.variant in ("concat", "gated"):
+            conv_w = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight], dim=0)[:, 0]  # (C, d_conv)
+            xz = F.silu(depthwise_conv_same(xz, conv_w))  # (B, L, C)
+            x, z = xz[..., :half], xz[..., half:]  # (B, L, C/2) each
+        else:  # Mamba's formulation: conv on x only (causal or not), z a plain SiLU gate
+            causal = self.variant == "causal_conv"
+            x = F.silu(depthwise_conv_same(xz[..., :half], self.conv1d_x.weight[:, 0], causal=causal))
+            z = F.silu(xz[..., half:])
         x_dbl = F.linear(x, self.x_proj.weight)  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Quirk: dt_proj applies its bias here and the scan adds it again as delta_bias; the
@@ -208,20 +231,26 @@ class MambaVisionMixer(nn.Module):
             delta_softplus=True,
             impl=self.scan_impl,
         )  # (B, C/2, L)
-        return self.out_proj(torch.cat([y.transpose(1, 2).to(z.dtype), z], dim=-1))
+        y = y.transpose(1, 2).to(z.dtype)
+        if self.variant != "concat":
+            return self.out_proj(y * z)
+        return self.out_proj(torch.cat([y, z], dim=-1))
 
 
-def depthwise_conv_same(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def depthwise_conv_same(x: torch.Tensor, weight: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """Depthwise 1-D convolution along L with 'same' zero padding, no bias, token-major.
 
     Args:
         x: (B, L, C).
         weight: (C, K): the kernel of each channel (``conv.weight[:, 0]``).
+        causal: pad K-1 zeros on the left only (each output sees itself and earlier tokens).
     Returns:
-        (B, L, C), equal to ``F.conv1d(x^T, weight[:, None], padding='same', groups=C)^T``.
+        (B, L, C), equal to ``F.conv1d(x^T, weight[:, None], padding='same', groups=C)^T``
+        (causal: ``F.conv1d(F.pad(x^T, (K-1, 0)), weight[:, None], groups=C)^T``).
     """
     k = weight.shape[1]
-    left = (k - 1) // 2  # torch's 'same': the extra pad of an even kernel goes right
+    # torch's 'same': the extra pad of an even kernel goes right; causal: everything left
+    left = k - 1 if causal else (k - 1) // 2
     length = x.shape[1]
     out = x * weight[:, left]
     for j in range(k):
@@ -310,6 +339,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         layer_scale: Optional[float] = None,
         scan_impl: str = "auto",
+        mixer_variant: str = "concat",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -318,7 +348,8 @@ class Block(nn.Module):
             # value adds LayerNorms on q and k (the released models use None).
             self.mixer: nn.Module = Attention(dim, num_heads, qkv_bias, bool(qk_scale), attn_drop, drop)
         else:
-            self.mixer = MambaVisionMixer(dim, d_state=8, d_conv=3, expand=1, scan_impl=scan_impl)
+            self.mixer = MambaVisionMixer(dim, d_state=8, d_conv=3, expand=1, scan_impl=scan_impl,
+                                          variant=mixer_variant)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -335,10 +366,30 @@ class Block(nn.Module):
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
 
 
-def attention_block_indices(depth: int) -> List[int]:
-    """Which blocks of a token level are self-attention: the last half (mixers first)."""
-    start = depth // 2 + 1 if depth % 2 else depth // 2
-    return list(range(start, depth))
+ATTENTION_PATTERNS = ("last_half", "first_half", "interleave", "none", "all")
+#: constructor options of the ablations, stored beside trained weights (model.json)
+ABLATION_OPTIONS = ("mixer_variant", "attention_pattern")
+
+
+def attention_block_indices(depth: int, pattern: str = "last_half") -> List[int]:
+    """Which blocks of a token level are self-attention.
+
+    ``"last_half"`` (the official model): the last ``depth // 2`` blocks, mixers first. The
+    paper's hybrid-pattern ablation: ``"first_half"`` (as many attention blocks, first),
+    ``"interleave"`` (every second block, starting with a mixer), ``"none"`` (all mixers),
+    ``"all"`` (all attention).
+    """
+    n = depth // 2
+    patterns = {
+        "last_half": range(depth - n, depth),
+        "first_half": range(n),
+        "interleave": range(1, depth, 2),
+        "none": range(0),
+        "all": range(depth),
+    }
+    if pattern not in patterns:
+        raise ValueError(f"attention_pattern must be one of {ATTENTION_PATTERNS}, got {pattern!r}")
+    return list(patterns[pattern])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +420,8 @@ class MambaVisionLayer(nn.Module):
         layer_scale: Optional[float] = None,
         layer_scale_conv: Optional[float] = None,
         scan_impl: str = "auto",
+        mixer_variant: str = "concat",
+        attention_pattern: str = "last_half",
     ) -> None:
         super().__init__()
         dpr = list(drop_path) or [0.0] * depth
@@ -378,10 +431,10 @@ class MambaVisionLayer(nn.Module):
         if conv:
             self.blocks = nn.ModuleList(ConvBlock(dim, dpr[i], layer_scale_conv) for i in range(depth))
         else:
-            attn = set(attention_block_indices(depth))
+            attn = set(attention_block_indices(depth, attention_pattern))
             self.blocks = nn.ModuleList(
                 Block(dim, num_heads, i in attn, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, dpr[i],
-                      layer_scale, scan_impl)
+                      layer_scale, scan_impl, mixer_variant)
                 for i in range(depth)
             )
         self.downsample = Downsample(dim) if downsample else None
@@ -433,7 +486,11 @@ class MambaVision(nn.Module):
         global_pool: 'avg' or '' (no pooling in forward_head).
         scan_impl: selective-scan implementation ('auto', 'fast', 'reference', 'cpu', 'mamba_ssm').
         linear_impl: linear-layer implementation ('auto': oneDNN on CPU float32 where it is
-            faster, else ``F.linear``; 'torch': always ``F.linear``; 'onednn').
+            faster, else ``F.linear``; 'torch': stock layers; 'onednn').
+        mixer_variant: the paper's token-mixer ablation (:data:`MIXER_VARIANTS`; the official
+            model is 'concat').
+        attention_pattern: the paper's hybrid-pattern ablation: where attention blocks go in
+            levels 2-3 (:data:`ATTENTION_PATTERNS`; the official model is 'last_half').
     """
 
     def __init__(
@@ -456,10 +513,16 @@ class MambaVision(nn.Module):
         global_pool: str = "avg",
         scan_impl: str = "auto",
         linear_impl: str = "auto",
+        mixer_variant: str = "concat",
+        attention_pattern: str = "last_half",
         **kwargs: Any,
     ) -> None:
         super().__init__()
         _check_config(depths, window_size, num_heads, global_pool, kwargs)
+        if mixer_variant not in MIXER_VARIANTS:
+            raise ValueError(f"mixer_variant must be one of {MIXER_VARIANTS}, got {mixer_variant!r}")
+        if attention_pattern not in ATTENTION_PATTERNS:
+            raise ValueError(f"attention_pattern must be one of {ATTENTION_PATTERNS}, got {attention_pattern!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
@@ -475,7 +538,8 @@ class MambaVision(nn.Module):
                     width, depth, num_heads[i], window_size[i], conv=i < 2, downsample=i < 3,
                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
                     attn_drop=attn_drop_rate, drop_path=dpr[i].tolist(), layer_scale=layer_scale,
-                    layer_scale_conv=layer_scale_conv, scan_impl=scan_impl,
+                    layer_scale_conv=layer_scale_conv, scan_impl=scan_impl, mixer_variant=mixer_variant,
+                    attention_pattern=attention_pattern,
                 )
             )
             self.feature_info.append(dict(num_chs=width, reduction=4 * 2**i, module=f"levels.{i}"))
