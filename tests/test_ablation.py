@@ -33,7 +33,7 @@ def test_attention_patterns() -> None:
     assert attention_block_indices(5) == [3, 4]
     assert attention_block_indices(5, "first_half") == [0, 1]
     assert attention_block_indices(5, "interleave") == [1, 3]
-    assert attention_block_indices(4, "none") == [] and attention_block_indices(3, "all") == [0, 1, 2]
+    assert attention_block_indices(4, "mamba_only") == [] and attention_block_indices(3, "attention_only") == [0, 1, 2]
     for depth in range(1, 12):  # the ablation compares equal numbers of attention blocks
         counts = {len(attention_block_indices(depth, p)) for p in ("last_half", "first_half", "interleave")}
         assert counts == {depth // 2}

@@ -128,6 +128,16 @@ def test_every_option_has_a_flag() -> None:
         assert name == "data" or f"--{name.replace('_', '-')}" in text
 
 
+@pytest.mark.parametrize("value", ["mamba_only", "attention_only", "first_half"])
+def test_ablation_flags_parse_to_valid_options(value: str) -> None:
+    from hymamba.cli import _build_parser
+
+    args = _build_parser().parse_args(["train", "--attention-pattern", value, "--mixer-variant", "gated"])
+    cfg = build_config(overrides={k: v for k, v in vars(args).items() if k in config_fields()})
+    check_config(cfg)
+    assert cfg.attention_pattern == value and cfg.mixer_variant == "gated"
+
+
 # ----------------------------------------------------------------------------------------------
 # errors before any work, through the CLI
 

@@ -50,7 +50,7 @@ class TrainConfig:
     mixer_variant: str = _f("concat", "token mixer (paper ablation): concat (MambaVision), gated, regular_conv, "
                                       "causal_conv")
     attention_pattern: str = _f("last_half", "where attention blocks go in levels 2-3 (paper ablation): last_half "
-                                             "(MambaVision), first_half, interleave, none, all")
+                                             "(MambaVision), first_half, interleave, mamba_only, attention_only")
     grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     scan_impl: str = _f("auto", "selective-scan implementation")
     max_train_samples: Optional[int] = _f(None, "use only this many training images (spread over the set)")

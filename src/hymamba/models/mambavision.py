@@ -366,7 +366,7 @@ class Block(nn.Module):
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
 
 
-ATTENTION_PATTERNS = ("last_half", "first_half", "interleave", "none", "all")
+ATTENTION_PATTERNS = ("last_half", "first_half", "interleave", "mamba_only", "attention_only")
 #: constructor options of the ablations, stored beside trained weights (model.json)
 ABLATION_OPTIONS = ("mixer_variant", "attention_pattern")
 
@@ -376,16 +376,16 @@ def attention_block_indices(depth: int, pattern: str = "last_half") -> List[int]
 
     ``"last_half"`` (the official model): the last ``depth // 2`` blocks, mixers first. The
     paper's hybrid-pattern ablation: ``"first_half"`` (as many attention blocks, first),
-    ``"interleave"`` (every second block, starting with a mixer), ``"none"`` (all mixers),
-    ``"all"`` (all attention).
+    ``"interleave"`` (every second block, starting with a mixer), ``"mamba_only"`` (all mixers),
+    ``"attention_only"`` (all attention).
     """
     n = depth // 2
     patterns = {
         "last_half": range(depth - n, depth),
         "first_half": range(n),
         "interleave": range(1, depth, 2),
-        "none": range(0),
-        "all": range(depth),
+        "mamba_only": range(0),
+        "attention_only": range(depth),
     }
     if pattern not in patterns:
         raise ValueError(f"attention_pattern must be one of {ATTENTION_PATTERNS}, got {pattern!r}")
