@@ -138,6 +138,17 @@ def test_ablation_flags_parse_to_valid_options(value: str) -> None:
     assert cfg.attention_pattern == value and cfg.mixer_variant == "gated"
 
 
+def test_none_flag_means_none_only_where_none_is_allowed() -> None:
+    from hymamba.cli import _build_parser
+
+    args = _build_parser().parse_args(["train", "--drop-path", "none", "--attention-pattern", "none"])
+    assert args.drop_path is None  # Optional: 'none' is the null value
+    cfg = build_config(overrides={k: v for k, v in vars(args).items() if k in config_fields()})
+    assert cfg.attention_pattern == "none"  # a string option keeps the word, and the check names it
+    with pytest.raises(ValueError, match="attention_pattern must be one of .* got 'none'"):
+        check_config(cfg)
+
+
 # ----------------------------------------------------------------------------------------------
 # errors before any work, through the CLI
 

@@ -164,7 +164,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from hymamba.train_config import TrainConfig, config_fields, field_type
+    from hymamba.train_config import TrainConfig, config_fields, field_optional, field_type
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -195,8 +195,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif length:
             p.add_argument(flag, type=kind, nargs=length, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
-        else:
-            p.add_argument(flag, type=_none_or(kind), default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+        else:  # 'none'/'null' mean None only where None is allowed (not e.g. attention_pattern none)
+            parse = _none_or(kind) if field_optional(f) else kind
+            p.add_argument(flag, type=parse, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
     _COMMANDS["train"] = _train
 
 

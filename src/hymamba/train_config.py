@@ -130,6 +130,11 @@ def field_type(f: dataclasses.Field) -> Tuple[type, Optional[int]]:
     return hint, None
 
 
+def field_optional(f: dataclasses.Field) -> bool:
+    """Whether a config field accepts None."""
+    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
+
+
 def config_to_dict(cfg: TrainConfig) -> Dict[str, Any]:
     """The config as plain Python values (tuples become lists), for YAML, JSON and checkpoints."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -94,13 +94,10 @@ class _OneDNNLinearFn(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_w = grad_b = None
+        grad_x = None
         if ctx.needs_input_grad[0]:  # through linear(): differentiable again under create_graph=True
             grad_x = linear(grad2, weight.t(), None, "onednn").view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad2.sum(0)
+        grad_w, grad_b = _weight_grads(grad2, x, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         return grad_x, grad_w, grad_b
 
 
