@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from hymamba.ops import cpu_kernel, selective_scan_ref
+from hymamba.ops import scan_cpu as cpu_kernel, selective_scan_ref
 
 SHAPES = ((64, 160, 196, 8), (64, 320, 49, 8), (1, 160, 196, 8), (1, 320, 49, 8))  # batch, dim, L, N
 KERNEL_CALLS = 10  # the kernel is fast: several calls per timed repeat steady its median

@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import hymamba
-from hymamba.flops import count_macs
-from hymamba.models.mambavision import (
-    ATTENTION_PATTERNS,
-    MIXER_VARIANTS,
-    Attention,
-    MambaVisionMixer,
-    attention_block_indices,
-    depthwise_conv_same,
-)
+from hymamba.apps.flops import count_macs
+from hymamba.models.layers import Attention, MambaVisionMixer, depthwise_conv_same
+from hymamba.models.options import ATTENTION_PATTERNS, MIXER_VARIANTS, attention_block_indices
 from hymamba.ops import selective_scan_ref
 
 

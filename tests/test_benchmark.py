@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hymamba.benchmark import BenchResult, format_table, mambavision_cases
+from hymamba.apps.benchmark import BenchResult, format_table, mambavision_cases
 
 REPO = Path(__file__).resolve().parents[1]
 

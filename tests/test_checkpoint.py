@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import hymamba
-from hymamba.checkpoint import CheckpointError, detect_variant, read_state_dict, save_safetensors
+from hymamba.errors import CheckpointError
+from hymamba.factory import detect_variant
+from hymamba.weights.io import read_state_dict, save_safetensors
 
 from conftest import load_case
 

@@ -1,4 +1,4 @@
-"""Tests for the compiled CPU selective-scan kernel (hymamba.ops.cpu_kernel).
+"""Tests for the compiled CPU selective-scan kernel (hymamba.ops.scan_cpu).
 
 Everything is checked against a float64 sequential reference defined here.
 Tests that need the kernel are skipped (with the reason) when it cannot be
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hymamba.ops import cpu_kernel
-from hymamba.ops.cpu_kernel import selective_scan_cpu
+from hymamba.ops import scan_cpu as cpu_kernel
+from hymamba.ops.scan_cpu import selective_scan_cpu
 
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
@@ -508,7 +508,7 @@ def test_ninja_from_the_venv_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path)
     import shutil
     import sys
 
-    from hymamba.ops.cpu_kernel import _ensure_ninja_on_path
+    from hymamba.ops.scan_cpu import _ensure_ninja_on_path
 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert shutil.which("ninja") is None

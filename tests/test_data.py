@@ -9,8 +9,9 @@ import pytest
 import torch
 from imagefolder import CLASSES, make_image_folder
 
-from hymamba.data import (DigitsDataset, EpochSampler, ImageFolderDataset, ShardSampler, collate_batch,
-                          eval_transform, train_transform, warn_unreadable)
+from hymamba.data.datasets import DigitsDataset, ImageFolderDataset, collate_batch, warn_unreadable
+from hymamba.data.samplers import EpochSampler, ShardSampler
+from hymamba.data.transforms import eval_transform, train_transform
 
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                    crop_pct=0.875, crop_mode="center")

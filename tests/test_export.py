@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 
 import hymamba
-from hymamba.export import check_onnx, export_onnx
+from hymamba.apps.export import check_onnx, export_onnx
 
 from conftest import load_case
 

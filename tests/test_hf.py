@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import hymamba  # noqa: E402
-from hymamba.checkpoint import read_state_dict, save_safetensors  # noqa: E402
+from hymamba.weights.io import read_state_dict, save_safetensors  # noqa: E402
 from hymamba.hf import (  # noqa: E402
     MambaVisionConfig,
     MambaVisionForImageClassification,

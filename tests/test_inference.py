@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hymamba
-from hymamba.inference import optimize_for_inference
+from hymamba.models.fuse import optimize_for_inference
 
 from conftest import load_case
 

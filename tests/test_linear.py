@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import hymamba
-from hymamba.flops import count_macs
-from hymamba.inference import optimize_for_inference
+from hymamba.apps.flops import count_macs
+from hymamba.models.fuse import optimize_for_inference
 from hymamba.ops.linear import (FastLinear, gelu_linear, layer_norm_linear, linear, linear_impl_for,
                                  onednn_linear_available)
 
@@ -217,7 +217,7 @@ def test_model_training_keeps_less_for_backward_same_gradients() -> None:
     torch.manual_seed(0)
     model = hymamba.create_model("test_mambavision", drop_path_rate=0.0).double().train()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    from hymamba.models.mambavision import Block
+    from hymamba.models.layers import Block
 
     block_inputs = []
     for m in model.modules():

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from hymamba.ops import SCAN_IMPLS, available_scan_impls, last_scan_impl, selective_scan
 
-scan_module = importlib.import_module("hymamba.ops.selective_scan")  # the name alone is the function
-kernels = importlib.import_module("hymamba.ops._kernels")
+scan_module = importlib.import_module("hymamba.ops.dispatch")
+kernels = importlib.import_module("hymamba.ops.kernels")
 
 # Allowed error per tensor (output and each gradient), relative to the largest magnitude
 # of the float64 reference: max|x - x_ref| <= TOLERANCE[dtype] * max|x_ref|. Half inputs
@@ -245,14 +245,14 @@ def test_missing_cpu_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_kernel_loading_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "hymamba.ops.cpu_kernel", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "hymamba.ops.scan_cpu", None)  # makes the import fail
     module, reason = kernels._load_cpu_kernel()
     assert module is None and "could not be imported" in reason
 
-    broken = types.ModuleType("hymamba.ops.cpu_kernel")
+    broken = types.ModuleType("hymamba.ops.scan_cpu")
     broken.is_available = lambda: False
     broken.unavailable_reason = lambda: "compiler exploded"
-    monkeypatch.setitem(sys.modules, "hymamba.ops.cpu_kernel", broken)
+    monkeypatch.setitem(sys.modules, "hymamba.ops.scan_cpu", broken)
     module, reason = kernels._load_cpu_kernel()
     assert module is None and "compiler exploded" in reason
 

@@ -18,9 +18,10 @@ from imagefolder import CLASSES, TINY, cli_env, make_dataset, popen_cli, run_cli
 
 from hymamba import create_model, load_checkpoint
 from hymamba.cli import main
-from hymamba.train import train
-from hymamba.train_config import TrainConfig, build_config, check_config, config_fields
-from hymamba.train_state import load_train_state
+from hymamba.tasks.classification import train
+from hymamba.tasks.classification import ClassificationConfig as TrainConfig
+from hymamba.tasks.classification import build_config, check_config, config_fields
+from hymamba.engine.state import load_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -121,7 +122,7 @@ def test_impossible_options_are_rejected(override, message) -> None:
 
 
 def test_every_option_has_a_flag() -> None:
-    from hymamba.cli import _build_parser
+    from hymamba.cli.main import build_parser as _build_parser
 
     text = _build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for name in config_fields():
@@ -130,7 +131,7 @@ def test_every_option_has_a_flag() -> None:
 
 @pytest.mark.parametrize("value", ["mamba_only", "attention_only", "first_half"])
 def test_ablation_flags_parse_to_valid_options(value: str) -> None:
-    from hymamba.cli import _build_parser
+    from hymamba.cli.main import build_parser as _build_parser
 
     args = _build_parser().parse_args(["train", "--attention-pattern", value, "--mixer-variant", "gated"])
     cfg = build_config(overrides={k: v for k, v in vars(args).items() if k in config_fields()})
@@ -139,7 +140,7 @@ def test_ablation_flags_parse_to_valid_options(value: str) -> None:
 
 
 def test_none_flag_means_none_only_where_none_is_allowed() -> None:
-    from hymamba.cli import _build_parser
+    from hymamba.cli.main import build_parser as _build_parser
 
     args = _build_parser().parse_args(["train", "--drop-path", "none", "--attention-pattern", "none"])
     assert args.drop_path is None  # Optional: 'none' is the null value
@@ -236,8 +237,9 @@ def test_full_recipe_features_run(data: Path, trained: Path, tmp_path: Path) -> 
 def test_ablation_variant_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
     """--mixer-variant / --attention-pattern reach the model, are recorded beside the weights and
     rebuild the same architecture in create_model, validate and predict."""
-    from hymamba.evaluate import predict, validate
-    from hymamba.models.mambavision import Attention, MambaVisionMixer
+    from hymamba.apps.predict import predict
+    from hymamba.apps.validate import validate
+    from hymamba.models.layers import Attention, MambaVisionMixer
 
     out = tmp_path / "ablate"
     summary = train(_tiny(data, out, epochs=1, mixer_variant="causal_conv", attention_pattern="first_half"))
@@ -266,10 +268,10 @@ def test_fine_tune_with_a_new_head(trained: Path, tmp_path: Path) -> None:
     src = create_model("test_mambavision", checkpoint_path=trained / "model.safetensors").state_dict()
     assert torch.equal(sd["patch_embed.conv_down.0.weight"], src["patch_embed.conv_down.0.weight"])  # frozen
     assert sd["head.weight"].shape == (4, 128)
-    from hymamba.checkpoint import CheckpointError
+    from hymamba.errors import CheckpointError
 
     other = tmp_path / "other.safetensors"
-    from hymamba.checkpoint import save_safetensors
+    from hymamba.weights.io import save_safetensors
 
     save_safetensors(create_model("mambavision_nano").state_dict(), other)
     with pytest.raises(CheckpointError, match="does not fit test_mambavision"):
@@ -347,7 +349,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(long_data: Path, reference: Path, 
 
 def test_stop_mid_epoch_saves_the_position_and_resumes(data: Path, tmp_path: Path, monkeypatch) -> None:
     """A signal in the middle of an epoch: the checkpoint records how far the epoch got."""
-    import hymamba.train as train_module
+    import hymamba.tasks.classification.task as train_module
 
     calls = {"n": 0}
     real = train_module.warn_unreadable
@@ -365,7 +367,7 @@ def test_stop_mid_epoch_saves_the_position_and_resumes(data: Path, tmp_path: Pat
     state = load_train_state(out)
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 3, 3)
     monkeypatch.setattr(train_module, "warn_unreadable", real)
-    from hymamba.train import config_for_resume
+    from hymamba.tasks.classification import config_for_resume
 
     summary = train(config_for_resume(state), resume=state)
     assert not summary["interrupted"] and summary["epochs"] == 2

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from imagefolder import CLASSES, make_dataset, make_image_folder, run_cli
 
 from hymamba import create_model
-from hymamba.checkpoint import save_safetensors
+from hymamba.weights.io import save_safetensors
 from hymamba.cli import main
-from hymamba.evaluate import predict, validate
-from hymamba.train import train
-from hymamba.train_config import build_config
+from hymamba.apps.predict import predict
+from hymamba.apps.validate import validate
+from hymamba.tasks.classification import train
+from hymamba.tasks.classification import build_config
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import torch
 import timm
 
 import hymamba
-from hymamba.flops import count_macs
-from hymamba.models.mambavision import VARIANTS
+from hymamba.apps.flops import count_macs
+from hymamba.models.variants import VARIANTS
 
-OFFICIAL = {name: official for name, (_, _, official, _) in VARIANTS.items() if official}
+OFFICIAL = {name: v.official_name for name, v in VARIANTS.items() if v.official_name}
 
 
 def _meta_model(name: str) -> hymamba.MambaVision:
@@ -73,7 +73,8 @@ def test_registered_with_timm() -> None:
 
 
 def test_attention_in_last_half() -> None:
-    from hymamba.models.mambavision import Attention, attention_block_indices
+    from hymamba.models.layers import Attention
+    from hymamba.models.options import attention_block_indices
 
     assert attention_block_indices(8) == [4, 5, 6, 7]
     assert attention_block_indices(5) == [3, 4]

@@ -9,23 +9,59 @@ Public API::
     selective_scan(u, delta, A, B, C, ...) # the scan, with a choice of implementations
     last_scan_impl()                       # which scan implementation ran last
     optimize_for_inference(model)          # a copy with BatchNorms folded into the convs
+
+Importing hymamba registers every variant with timm (``timm.create_model("mambavision_t")``). The
+names above are resolved on first use; in the ``hymamba`` command's own process nothing heavy is
+imported up front, so that ``hymamba --help`` answers without loading torch.
+
+Package layers, top first (each imports only from layers below it; ``lint-imports`` checks this)::
+
+    cli > apps | hf > tasks > engine > data | factory > weights > models > ops > utils > errors
 """
-from hymamba.checkpoint import CheckpointError, load_checkpoint
-from hymamba.factory import create_model, list_models, resolve_model_name
-from hymamba.inference import optimize_for_inference
-from hymamba.models import MambaVision
-from hymamba.ops import last_scan_impl, selective_scan
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "MambaVision",
-    "create_model",
-    "last_scan_impl",
-    "list_models",
-    "load_checkpoint",
-    "optimize_for_inference",
-    "resolve_model_name",
-    "selective_scan",
-]
+#: public name -> the module that defines it
+_API = {
+    "CheckpointError": "hymamba.errors",
+    "ConfigError": "hymamba.errors",
+    "HymambaError": "hymamba.errors",
+    "MambaVision": "hymamba.models.mambavision",
+    "create_model": "hymamba.factory",
+    "list_models": "hymamba.factory",
+    "load_checkpoint": "hymamba.factory",
+    "resolve_model_name": "hymamba.factory",
+    "optimize_for_inference": "hymamba.models.fuse",
+    "last_scan_impl": "hymamba.ops.dispatch",
+    "selective_scan": "hymamba.ops.dispatch",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hymamba' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_API))
+
+
+def _in_cli_process() -> bool:
+    """True when this process is the ``hymamba`` command itself (its script is named hymamba)."""
+    argv0 = getattr(sys, "argv", None) or [""]
+    return os.path.splitext(os.path.basename(argv0[0]))[0] == "hymamba"
+
+
+if not _in_cli_process():
+    importlib.import_module("hymamba.factory")  # registers the variants with timm

@@ -1,18 +1,48 @@
-"""Creating models by name: hymamba's variants and the official names as aliases."""
+"""Creating models by name, and the only place that puts weights into a new model.
+
+- :func:`create_model`: a variant by name (official names are aliases), optionally with weights
+  (``checkpoint_path=`` or ``pretrained=True`` from a local file; nothing is downloaded);
+- :func:`load_checkpoint`: weights into an existing model, with a report;
+- :func:`load_trained_model`: a classifier with trained weights, for evaluation and prediction;
+- the timm registration: every variant is a timm model (``timm.create_model("mambavision_t")``),
+  whose entrypoint is :func:`create_model`, so ``pretrained=True``/``checkpoint_path=`` work there too.
+
+Weights are read once, checked against the model before anything is loaded (no half-loaded
+models), and a checkpoint that does not fit names the variant whose shapes it has.
+"""
 from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Any, List, Optional
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from timm.models import model_entrypoint
+import torch
+from torch import nn
 
-from hymamba.models.mambavision import ABLATION_OPTIONS, VARIANTS, MambaVision
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet
 
-__all__ = ["create_model", "list_models", "resolve_model_name"]
+from hymamba.errors import CheckpointError, ConfigError, WeightsNotFound
+from hymamba.models.mambavision import MambaVision
+from hymamba.models.options import options_from
+from hymamba.models.variants import VARIANTS
+from hymamba.weights.io import checkpoint_dir
+from hymamba.weights.load import LoadReport, load_state_dict
+from hymamba.weights.metadata import Checkpoint, read_checkpoint
+
+__all__ = ["ALIASES", "create_model", "detect_variant", "list_models", "load_checkpoint", "load_trained_model",
+           "official_weights_path", "resolve_model_name"]
+
+PathLike = Union[str, os.PathLike]
 
 #: official model names (as in NVlabs/MambaVision) -> hymamba names
-ALIASES = {official: name for name, (_, _, official, _) in VARIANTS.items() if official}
+ALIASES = {v.official_name: name for name, v in VARIANTS.items() if v.official_name}
+#: a checkpoint "fits except the head" when only these keys are mis-shaped (fine-tuning: a new classifier)
+HEAD_PREFIXES = ("head.",)
+_FEATURE_KEYS = ("out_indices", "feature_cls", "output_fmt", "norm", "prune", "flatten_sequential", "feature_cfg")
 
 
 def list_models(pattern: str = "*") -> List[str]:
@@ -32,43 +62,171 @@ def resolve_model_name(name: str) -> str:
         return key
     if key in lowered:
         return lowered[key]
-    raise ValueError(
+    raise ConfigError(
         f"unknown model {name!r}. Known models: {', '.join(VARIANTS)} "
         f"(official names such as {', '.join(list(ALIASES)[:2])} also work)"
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# variant detection (for error messages)
+
+
+@lru_cache(maxsize=None)
+def _variant_shapes(name: str) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
+    with torch.device("meta"):
+        model = MambaVision(**VARIANTS[name].args)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES))
+
+
+def detect_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Name of the variant whose keys and shapes match ``state_dict`` (the head may differ)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES)}
+    for name in VARIANTS:
+        if dict(_variant_shapes(name)) == shapes:
+            return name
+    return None
+
+
+def _hint(state_dict: Dict[str, torch.Tensor]) -> str:
+    variant = detect_variant(state_dict)
+    if variant:
+        return (f"the checkpoint's shapes match the variant '{variant}': "
+                f"use hymamba.create_model('{variant}', checkpoint_path=...)")
+    return "the checkpoint matches no known MambaVision variant"
+
+
+# ----------------------------------------------------------------------------------------------
+# weights into models
+
+
+def load_checkpoint(model: nn.Module, path: Union[PathLike, Checkpoint], strict: bool = True,
+                    use_ema: bool = False) -> LoadReport:
+    """Load a checkpoint file or folder (or an already read :class:`Checkpoint`) into ``model``.
+
+    Args:
+        model: the model to fill.
+        path: an official ``.pth.tar``, a Hugging Face folder, a safetensors file, a training checkpoint.
+        strict: raise :class:`CheckpointError` unless every key matches in name and shape; nothing is
+            loaded then. With ``strict=False``, mis-shaped tensors (e.g. a classifier for another
+            class count) are skipped and reported.
+        use_ema: load the EMA weights.
+    Returns:
+        A :class:`~hymamba.weights.load.LoadReport` of missing, unexpected and mis-shaped keys.
+    """
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path, use_ema=use_ema)
+    return load_state_dict(model, ckpt.state_dict, strict=strict, source=str(ckpt.path),
+                           hint=lambda: _hint(ckpt.state_dict))
+
+
+def official_weights_path(name: str) -> Path:
+    """The local file (or Hugging Face folder) of ``name``'s official weights; never downloads."""
+    variant = VARIANTS[resolve_model_name(name)]
+    cfg = variant.pretrained_cfg
+    if not variant.has_official_weights:
+        raise CheckpointError(f"'{variant.name}' has no official weights; pass checkpoint_path=... to load your own")
+    folder = checkpoint_dir()
+    candidates = [folder / cfg["hf_hub_filename"], folder / cfg["hf_hub_id"].split("/")[-1]]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise WeightsNotFound(
+            f"no local weights for '{variant.name}'. hymamba never downloads: fetch {cfg['url']} by hand "
+            f"and put it in {folder} (or set HYMAMBA_CHECKPOINT_DIR), or pass checkpoint_path=..."
+        )
+    return found
+
+
+def _wrap_features(model: MambaVision, options: Dict[str, Any]) -> nn.Module:
+    """timm's ``features_only`` wrapper, applied after the weights are in (it prunes the head)."""
+    options = dict(options.pop("feature_cfg", None) or {}, **options)
+    feature_cls = options.pop("feature_cls", "getter")
+    options.pop("flatten_sequential", None)
+    if feature_cls not in ("getter", FeatureGetterNet):
+        raise ConfigError(f"MambaVision's features_only supports feature_cls='getter' (stage outputs through "
+                          f"forward_intermediates), got {feature_cls!r}")
+    options.setdefault("out_indices", (0, 1, 2, 3))
+    wrapped = FeatureGetterNet(model, **options)
+    wrapped.pretrained_cfg = wrapped.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return wrapped
+
+
 def create_model(
     name: str,
     pretrained: bool = False,
-    checkpoint_path: Optional[str | os.PathLike] = None,
+    checkpoint_path: Optional[PathLike] = None,
     **kwargs: Any,
-) -> MambaVision:
+) -> nn.Module:
     """Create a model by name.
 
     Args:
         name: a name from :func:`list_models` or an official name (``mamba_vision_T``, ...).
         pretrained: load the official weights from a local file (see
-            :func:`hymamba.checkpoint.checkpoint_dir`); nothing is downloaded.
-        checkpoint_path: a checkpoint to load (official ``.pth.tar``, Hugging Face folder or
-            safetensors). Unless ``num_classes`` is given, the classifier takes the checkpoint's size;
-            ``mixer_variant``/``attention_pattern`` recorded in a ``model.json`` beside it apply too.
+            :func:`hymamba.weights.checkpoint_dir`); nothing is downloaded.
+        checkpoint_path: a checkpoint to load (official ``.pth.tar``, Hugging Face folder,
+            safetensors or a training checkpoint). Unless ``num_classes`` is given, the classifier
+            takes the checkpoint's size; ``mixer_variant``/``attention_pattern`` recorded beside
+            the weights (``model.json``) apply too. Only the classifier may differ in shape (it is
+            then freshly initialised); anything else that does not fit raises CheckpointError.
         **kwargs: constructor overrides (``num_classes``, ``drop_path_rate``, ``scan_impl``,
             ``features_only``, ``out_indices``, ...).
     Returns:
-        The model (in train mode, as timm returns it).
+        The model (in train mode, as timm returns it); with ``features_only=True`` timm's feature
+        wrapper around it, weights loaded first.
     """
     name = resolve_model_name(name)
-    if checkpoint_path is not None:
-        from hymamba.checkpoint import checkpoint_num_classes, read_config
+    if pretrained and checkpoint_path is None:
+        checkpoint_path = official_weights_path(name)
+    ckpt = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None:
+        if "num_classes" not in kwargs and ckpt.num_classes is not None:
+            kwargs["num_classes"] = ckpt.num_classes
+        for key, value in options_from(ckpt.meta).items():  # ablation options the weights were trained with
+            kwargs.setdefault(key, value)
+    features_only = bool(kwargs.pop("features_only", False))
+    feature_options = {k: kwargs.pop(k) for k in _FEATURE_KEYS if k in kwargs}
+    model_args = dict(VARIANTS[name].args, **kwargs)
+    model = build_model_with_cfg(MambaVision, name, pretrained=False, **model_args)
+    if ckpt is not None:
+        load_state_dict(model, ckpt.state_dict, strict=True, ignore_mismatch=HEAD_PREFIXES, source=str(ckpt.path),
+                        hint=lambda: _hint(ckpt.state_dict))
+    return _wrap_features(model, feature_options) if features_only else model
 
-        if "num_classes" not in kwargs:
-            n = checkpoint_num_classes(checkpoint_path)
-            if n is not None:
-                kwargs["num_classes"] = n
-        # ablation options recorded beside trained weights (hymamba train's model.json)
-        meta = read_config(checkpoint_path) or {}
-        for key in ABLATION_OPTIONS:
-            if key not in kwargs and isinstance(meta.get(key), str):
-                kwargs[key] = meta[key]
-    return model_entrypoint(name)(pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
+
+def load_trained_model(name: str, checkpoint: Optional[PathLike] = None, *, pretrained: bool = False,
+                       use_ema: bool = False, scan_impl: str = "auto") -> Tuple[nn.Module, Dict[str, Any]]:
+    """A classifier with trained weights, and the metadata that came with them (for evaluation).
+
+    The classifier takes the checkpoint's class count and must load exactly. Raises ConfigError
+    when neither ``checkpoint`` nor ``pretrained`` is given (evaluating random weights is never
+    what is wanted).
+    """
+    if checkpoint is None and not pretrained:
+        raise ConfigError("no weights to evaluate: pass --checkpoint PATH (a model.safetensors, a training .pth, "
+                          "an official .pth.tar or a Hugging Face folder) or --pretrained")
+    ckpt = read_checkpoint(checkpoint if checkpoint is not None else official_weights_path(name), use_ema=use_ema)
+    if ckpt.num_classes is None:
+        raise CheckpointError(f"{ckpt.path} has no classifier head (no head.weight); it cannot classify images")
+    model = create_model(name, num_classes=ckpt.num_classes, scan_impl=scan_impl, **options_from(ckpt.meta))
+    load_checkpoint(model, ckpt, strict=True)
+    return model, ckpt.meta
+
+
+# ----------------------------------------------------------------------------------------------
+# timm registration: each variant's entrypoint is create_model
+
+
+default_cfgs = generate_default_cfgs({name: dict(v.pretrained_cfg) for name, v in VARIANTS.items()})
+
+
+def _entrypoint(name: str) -> Any:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"{name}: see hymamba.create_model."
+    return register_model(entrypoint)
+
+
+for _name in VARIANTS:
+    globals()[_name] = _entrypoint(_name)
+del _name

@@ -82,9 +82,10 @@ class MambaVisionConfig(PretrainedConfig):
     def from_variant(cls, name: str, **kwargs: Any) -> "MambaVisionConfig":
         """The config of a hymamba variant (``"mambavision_t"``, official names too), with overrides."""
         from hymamba.factory import resolve_model_name
-        from hymamba.models.mambavision import VARIANTS
+        from hymamba.models.variants import VARIANTS
 
-        args, cfg, _, _ = VARIANTS[resolve_model_name(name)]
+        variant = VARIANTS[resolve_model_name(name)]
+        args, cfg = variant.args, variant.pretrained_cfg
         fields = {k: v for k, v in args.items() if k in _MODEL_FIELDS}
         for key in ("mean", "std", "crop_pct", "crop_mode", "interpolation", "input_size"):
             fields[key] = cfg[key]

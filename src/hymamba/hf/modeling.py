@@ -19,7 +19,8 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from hymamba.hf.configuration import MambaVisionConfig
-from hymamba.models.mambavision import MambaVision, MambaVisionMixer
+from hymamba.models.layers import MambaVisionMixer
+from hymamba.models.mambavision import MambaVision
 
 __all__ = ["MambaVisionForImageClassification", "MambaVisionModel", "MambaVisionModelOutput",
            "MambaVisionPreTrainedModel"]

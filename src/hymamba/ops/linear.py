@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from hymamba.errors import ConfigError, KernelUnavailable
+
 __all__ = ["LINEAR_IMPLS", "MIN_FEATURES", "FastLinear", "gelu_linear", "layer_norm_linear", "linear",
            "linear_impl_for", "onednn_linear_available"]
 
@@ -128,7 +130,7 @@ def _effective_impl(impl: str) -> str:
         env = os.environ.get(_ENV_VAR)
         if env:
             if env not in LINEAR_IMPLS:
-                raise ValueError(f"{_ENV_VAR}={env!r} is not a valid linear impl; expected one of {LINEAR_IMPLS}")
+                raise ConfigError(f"{_ENV_VAR}={env!r} is not a valid linear impl; expected one of {LINEAR_IMPLS}")
             return env
     return impl
 
@@ -153,12 +155,12 @@ def _use_onednn(x: Tensor, weight: Tensor, impl: str) -> bool:
             and onednn_linear_available()[0]
         )
     if impl != "onednn":
-        raise ValueError(f"linear impl must be one of {LINEAR_IMPLS}, got {impl!r}")
+        raise ConfigError(f"linear impl must be one of {LINEAR_IMPLS}, got {impl!r}")
     ok, reason = onednn_linear_available()
     if not ok:
-        raise RuntimeError(f"linear impl 'onednn' was requested but {reason}; use impl='auto' or 'torch'")
+        raise KernelUnavailable(f"linear impl 'onednn' was requested but {reason}; use impl='auto' or 'torch'")
     if not (x.is_cpu and weight.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32):
-        raise RuntimeError(
+        raise KernelUnavailable(
             f"linear impl 'onednn' runs CPU float32 tensors only, got {x.device.type} {x.dtype} input and "
             f"{weight.device.type} {weight.dtype} weight; use impl='auto', which picks F.linear for these"
         )
@@ -305,7 +307,7 @@ class FastLinear(nn.Linear):
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if impl not in LINEAR_IMPLS:
-            raise ValueError(f"linear impl must be one of {LINEAR_IMPLS}, got {impl!r}")
+            raise ConfigError(f"linear impl must be one of {LINEAR_IMPLS}, got {impl!r}")
         self.impl = impl
         self.prepacked = False
         self._packed: Optional[tuple[int, int, Tensor]] = None

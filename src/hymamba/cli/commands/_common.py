@@ -1,0 +1,41 @@
+"""Argument helpers shared by the subcommands."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+from hymamba.errors import ConfigError
+
+__all__ = ["image_size", "none_or", "positive_int"]
+
+
+def image_size(given: Optional[Sequence[int]], default: Sequence[int]) -> List[int]:
+    """``--size H [W]`` as [H, W], defaulting to ``default`` (the model's input size)."""
+    size = list(given) if given else list(default)
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"--size takes H [W], positive numbers; got {' '.join(map(str, given or []))}")
+    return size
+
+
+def none_or(kind: type) -> Callable[[str], object]:
+    """argparse type: a value of ``kind``, or None for 'none'/'null'."""
+    def parse(text: str) -> object:
+        if text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -1,0 +1,77 @@
+"""Training checkpoints: everything needed to continue a run exactly, in plain tensors and dicts.
+
+A checkpoint loads back with ``torch.load(weights_only=True)`` (no custom classes inside) and is
+written atomically (temporary file + ``os.replace``), so a run killed at any moment leaves either
+the previous checkpoint or the new one, never a torn file. Its ``model`` / ``model_ema`` entries
+make it a valid input for :func:`hymamba.load_checkpoint` (``use_ema=True`` picks the EMA).
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from hymamba.errors import ConfigError
+from hymamba.utils.io import atomic_write
+from hymamba.weights.metadata import TRAIN_STATE_FORMAT as FORMAT
+
+__all__ = ["FORMAT", "get_rng_state", "load_train_state", "save_train_state", "set_rng_state"]
+
+
+def get_rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's random-number-generator states (python, numpy, torch, CUDA) as plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_train_state(state: Dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a training checkpoint atomically; ``state`` holds only tensors and plain values."""
+    p = Path(path)
+    atomic_write(p, lambda tmp: torch.save(dict(state, format=FORMAT), tmp))
+    return p
+
+
+def load_train_state(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a training checkpoint: a file, or an output folder (its ``last.pth``).
+
+    Raises:
+        ConfigError: the path holds no hymamba training checkpoint.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "last.pth"
+    if not p.is_file():
+        raise ConfigError(f"nothing to resume at {path}: expected a training output folder holding last.pth, "
+                         "or a .pth written by 'hymamba train'")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which and why
+        raise ConfigError(f"could not read the training checkpoint {p}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ConfigError(f"{p} is not a hymamba training checkpoint (format {FORMAT}); to fine-tune from plain "
+                         "weights use --checkpoint instead of --resume")
+    state["path"] = str(p)
+    return state
