@@ -130,7 +130,9 @@ def test_config_from_variant_and_fresh_init() -> None:
     reference = hymamba.create_model("mambavision_t", num_classes=5)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
     mixer = model.model.levels[2].blocks[0].mixer
-    # Mamba's SSM initialisation survives transformers' post_init
+    # the official initialisation survives transformers' post_init: A_log = log(1..N), D = 1, and dt_proj
+    # initialised like every Linear (zero bias), as hymamba.create_model does
     torch.testing.assert_close(mixer.A_log[0], torch.log(torch.arange(1.0, 9.0)))
-    dt = torch.nn.functional.softplus(mixer.dt_proj.bias.detach())
-    assert float(dt.min()) >= 1e-4 - 1e-7 and float(dt.max()) <= 0.1 + 1e-6
+    assert torch.equal(mixer.D.detach(), torch.ones_like(mixer.D))
+    assert torch.equal(mixer.dt_proj.bias.detach(), torch.zeros_like(mixer.dt_proj.bias))
+    assert 0.015 < float(mixer.dt_proj.weight.std()) < 0.025

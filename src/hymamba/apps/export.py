@@ -22,6 +22,10 @@ from hymamba.utils.io import atomic_write
 __all__ = ["export_onnx", "check_onnx"]
 
 
+#: the opsets the export supports: attention needs 14; the TorchScript exporter stops at 20
+MIN_OPSET, MAX_OPSET = 14, 20
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -38,6 +42,9 @@ def export_onnx(
     Returns:
         The written path. Input ``pixel_values`` (N, 3, H, W) -> output ``logits``; N is dynamic.
     """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"opset must be between {MIN_OPSET} (scaled dot-product attention) and {MAX_OPSET} "
+                          f"(the TorchScript exporter's newest), got {opset}; the default 17 suits ONNX Runtime")
     if image_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:

@@ -30,6 +30,11 @@ def resolve_data_config(pretrained_cfg: Mapping[str, Any], meta: Optional[Mappin
     """
     from timm.data import resolve_data_config as timm_resolve
 
+    if input_size is not None and input_size < 32:
+        raise ConfigError(f"input_size must be at least 32 (the model downsamples 32x), got {input_size}")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ConfigError(f"crop_pct is the fraction of the resized image kept by the center crop, in (0, 1]; "
+                          f"got {crop_pct}")
     meta = meta or {}
     args: Dict[str, Any] = {}
     for key in _KEYS:

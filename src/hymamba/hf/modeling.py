@@ -41,10 +41,10 @@ class MambaVisionPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
 
     def _init_weights(self, module: nn.Module) -> None:
-        """hymamba's initialisation (truncated normal linears, unit norms, Mamba's SSM init)."""
+        """The official initialisation (truncated normal linears, dt_proj too; unit norms; A_log, D)."""
         MambaVision._init_weights(module)
         if isinstance(module, MambaVisionMixer):
-            module.reset_ssm_parameters()
+            module.reset_ssm_parameters("official")
 
     def _build(self, config: MambaVisionConfig, num_classes: int) -> None:
         self.model = MambaVision(**config.model_kwargs(), num_classes=num_classes)

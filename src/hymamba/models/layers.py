@@ -172,12 +172,22 @@ class MambaVisionMixer(nn.Module):
         self.reset_ssm_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
-        """Mamba's initialisation of the SSM parameters (A_log = log(1..N), D = 1, dt_proj)."""
-        dt_min, dt_max, floor = self._dt_init
+    def reset_ssm_parameters(self, dt_init: str = "mamba") -> None:
+        """The SSM parameters' initialisation: A_log = log(1..N), D = 1, and ``dt_init``:
+
+        * ``"mamba"``: Mamba's dt_proj (uniform weight, bias = softplus^-1 of a log-uniform dt in
+          [dt_min, dt_max]);
+        * ``"official"``: dt_proj left as it is — the official MambaVision initialises it like every
+          other Linear (its model-level init overwrites the mixer's Mamba init: truncated normal
+          std 0.02, zero bias).
+        """
+        check_option("ssm_init", dt_init)
         half = self.d_inner // 2
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(half, 1))
         self.D.fill_(1.0)
+        if dt_init != "mamba":
+            return
+        dt_min, dt_max, floor = self._dt_init
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         dt = torch.exp(torch.rand(half) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -202,13 +212,15 @@ class MambaVisionMixer(nn.Module):
         half = self.d_inner // 2
         xz = self.in_proj(hidden_states) if norm is None else \
             layer_norm_linear(hidden_states, norm, self.in_proj, self.in_proj.impl)  # (B, L, C)
+        # The convs run in the activations' dtype: under autocast the official nn.Conv1d computes in
+        # half precision, and mamba_ssm's kernel needs u (the conv output) in delta's and B/C's dtype.
         if self.variant in ("concat", "gated"):
             conv_w = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight], dim=0)[:, 0]  # (C, d_conv)
-            xz = F.silu(depthwise_conv_same(xz, conv_w))  # (B, L, C)
+            xz = F.silu(depthwise_conv_same(xz, conv_w.to(xz.dtype)))  # (B, L, C)
             x, z = xz[..., :half], xz[..., half:]  # (B, L, C/2) each
         else:  # Mamba's formulation: conv on x only (causal or not), z a plain SiLU gate
             causal = self.variant == "causal_conv"
-            x = F.silu(depthwise_conv_same(xz[..., :half], self.conv1d_x.weight[:, 0], causal=causal))
+            x = F.silu(depthwise_conv_same(xz[..., :half], self.conv1d_x.weight[:, 0].to(xz.dtype), causal=causal))
             z = F.silu(xz[..., half:])
         x_dbl = F.linear(x, self.x_proj.weight)  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -120,7 +120,8 @@ class MambaVision(nn.Module):
         num_classes: classifier outputs (0: no classifier).
         qkv_bias: bias in the attention's qkv projection.
         qk_scale: official quirk: a truthy value adds q/k LayerNorms.
-        drop_rate: dropout in MLPs and attention projection.
+        drop_rate: dropout in MLPs and the attention projection (as the official model; there is no
+            dropout before the classifier).
         attn_drop_rate: attention dropout (training only).
         layer_scale: layer-scale init for token blocks (None: no gamma).
         layer_scale_conv: layer-scale init for conv blocks (None: no gamma).
@@ -132,6 +133,8 @@ class MambaVision(nn.Module):
             model is 'concat').
         attention_pattern: the paper's hybrid-pattern ablation: where attention blocks go in
             levels 2-3 (:data:`ATTENTION_PATTERNS`; the official model is 'last_half').
+        ssm_init: initialisation of a fresh model's SSM parameters: 'official' (as the official
+            model: dt_proj initialised like every Linear) or 'mamba' (Mamba's dt_proj init).
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class MambaVision(nn.Module):
         linear_impl: str = "auto",
         mixer_variant: str = "concat",
         attention_pattern: str = "last_half",
+        ssm_init: str = "official",
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -163,6 +167,7 @@ class MambaVision(nn.Module):
         check_option("mixer_variant", mixer_variant)
         check_option("attention_pattern", attention_pattern)
         check_scan_impl(scan_impl)
+        check_option("ssm_init", ssm_init)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
@@ -185,10 +190,12 @@ class MambaVision(nn.Module):
             self.feature_info.append(dict(num_chs=width, reduction=4 * 2**i, module=f"levels.{i}"))
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head = FastLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # As the official constructor: every Linear (dt_proj too) truncated normal std 0.02, then
+        # with ssm_init="mamba" Mamba's dt_proj init on top.
         self.apply(self._init_weights)
         for m in self.modules():
             if isinstance(m, MambaVisionMixer):
-                m.reset_ssm_parameters()
+                m.reset_ssm_parameters(ssm_init)
         self.set_linear_impl(linear_impl)
 
     @staticmethod
@@ -324,8 +331,6 @@ class MambaVision(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
             x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        if self.drop_rate > 0.0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

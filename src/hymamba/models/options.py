@@ -1,5 +1,6 @@
 """The paper's ablation options, in one place: what each value means, its checks, and which of
-them travel with trained weights (``model.json``, training checkpoints).
+them travel with trained weights (``model.json``, training checkpoints). Also the choice of
+initialisation for models trained from scratch (``ssm_init``), which changes no architecture.
 
 The defaults are the official MambaVision; every other value is one row of the paper's ablation
 tables (token mixer: Table 4; hybrid pattern: Table 5).
@@ -10,8 +11,8 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from hymamba.errors import ConfigError
 
-__all__ = ["ABLATION_OPTIONS", "ATTENTION_PATTERNS", "MIXER_VARIANTS", "attention_block_indices", "check_option",
-           "options_from"]
+__all__ = ["ABLATION_OPTIONS", "ATTENTION_PATTERNS", "MIXER_VARIANTS", "SSM_INITS", "attention_block_indices",
+           "check_option", "options_from"]
 
 #: the token mixer: concat (MambaVision), gated, regular_conv, causal_conv (Mamba's own)
 MIXER_VARIANTS: Tuple[str, ...] = ("concat", "gated", "regular_conv", "causal_conv")
@@ -41,10 +42,14 @@ def attention_block_indices(depth: int, pattern: str = "last_half") -> List[int]
     return list(patterns[pattern])
 
 
+#: how a fresh model's SSM parameters start: official (dt_proj like every Linear), mamba (Mamba's dt init)
+SSM_INITS: Tuple[str, ...] = ("official", "mamba")
+
 #: option -> (allowed values, default)
 _CHOICES: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "mixer_variant": (MIXER_VARIANTS, "concat"),
     "attention_pattern": (ATTENTION_PATTERNS, "last_half"),
+    "ssm_init": (SSM_INITS, "official"),
 }
 
 

@@ -50,17 +50,15 @@ def check_scan_impl(impl: str) -> str:
 
 
 # ------------------------------------------------------------------------ dispatcher
-def _auto_impl(device: torch.device) -> tuple[str, str]:
-    """(implementation, why) that impl="auto" picks for tensors on ``device``."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return "reference", "ONNX export / jit tracing needs standard ops"
-    return _auto_impl_for(device.type, torch.compiler.is_compiling(), _is_exporting())
+def _auto_impl(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(implementation, why) that impl="auto" picks for tensors on ``device`` of ``dtype``."""
+    return _auto_impl_for(device.type, torch.compiler.is_compiling(), _is_exporting(), dtype == torch.float64)
 
 
 # Evaluated eagerly even inside torch.compile: it reads the environment and may build
 # or import a kernel, none of which belongs in a traced graph.
 @torch.compiler.assume_constant_result
-def _auto_impl_for(device_type: str, compiling: bool, exporting: bool) -> tuple[str, str]:
+def _auto_impl_for(device_type: str, compiling: bool, exporting: bool, float64: bool = False) -> tuple[str, str]:
     env = os.environ.get(_ENV_VAR, "").strip()
     if env and env != "auto":
         if env not in SCAN_IMPLS:
@@ -69,6 +67,8 @@ def _auto_impl_for(device_type: str, compiling: bool, exporting: bool) -> tuple[
     if device_type == "cuda":
         if exporting:
             return "fast", "torch.export cannot trace mamba_ssm's kernel; the fast custom op can"
+        if float64:
+            return "fast", "float64 CUDA tensors, which mamba_ssm's kernel does not take"
         if kernels.mamba_ssm_scan_fn()[0] is not None:
             why = "CUDA tensors and mamba_ssm is importable"
             return "mamba_ssm", why + (" (torch.compile graph-breaks around it)" if compiling else "")
@@ -79,7 +79,8 @@ def _auto_impl_for(device_type: str, compiling: bool, exporting: bool) -> tuple[
     return "fast", f"{device_type} tensors, no compiled kernel available"
 
 
-def _compiled_kernel(impl: str, device: torch.device, why: str) -> Callable[..., Tensor]:
+def _compiled_kernel(impl: str, device: torch.device, why: str,
+                     dtype: torch.dtype = torch.float32) -> Callable[..., Tensor]:
     """The compiled kernel for impl "cpu" / "mamba_ssm", or a RuntimeError saying why not.
 
     ``why`` says where the request came from (the argument or the environment variable).
@@ -94,6 +95,9 @@ def _compiled_kernel(impl: str, device: torch.device, why: str) -> Callable[...,
     else:
         fn, reason = kernels.mamba_ssm_scan_fn()
         remedy = "install it with `pip install mamba-ssm`"
+    if fn is not None and impl == "mamba_ssm" and dtype == torch.float64:
+        fn, reason = None, "its kernel takes float32, float16 and bfloat16 tensors, not float64"
+        remedy = "pass float32 (or half-precision) tensors"
     if fn is None:
         raise KernelUnavailable(
             f"selective_scan: impl={impl!r} ({why}) is unavailable: {reason}. "
@@ -119,22 +123,26 @@ def selective_scan(
     u, delta: (batch, dim, L); A: (dim, N); B, C: (batch, N, L); D, delta_bias: (dim,).
     Returns y: (batch, dim, L) in ``u.dtype``.
 
-    ``impl`` is one of :data:`SCAN_IMPLS`. ``"auto"`` picks, in order: the reference
-    loop (standard ops only) under ONNX export / ``torch.jit`` tracing; the
-    ``HYMAMBA_SCAN_IMPL`` env var if set; for CUDA tensors ``"mamba_ssm"`` when
-    importable (``"fast"`` under ``torch.export``, which cannot trace it); for CPU tensors
-    ``"cpu"`` when the C++ kernel is available; else ``"fast"``. ``"fast"`` and ``"cpu"``
-    are custom ops, so they are single graph nodes for torch.compile / torch.export.
-    An explicitly requested but unavailable implementation raises RuntimeError; an
-    unknown name raises ValueError.
+    ``impl`` is one of :data:`SCAN_IMPLS`. Under ONNX export / ``torch.jit`` tracing every
+    impl runs as the reference loop (standard ops only). Otherwise ``"auto"`` picks, in
+    order: the ``HYMAMBA_SCAN_IMPL`` env var if set; for CUDA tensors ``"mamba_ssm"`` when
+    importable (``"fast"`` for float64 tensors, which its kernel does not take, and under
+    ``torch.export``, which cannot trace it); for CPU tensors ``"cpu"`` when the C++ kernel is
+    available; else ``"fast"``. ``"fast"`` and ``"cpu"`` are custom ops, so they are single
+    graph nodes for torch.compile / torch.export. An explicitly requested but unavailable
+    implementation raises :class:`~hymamba.errors.KernelUnavailable` (a RuntimeError); an
+    unknown name raises :class:`~hymamba.errors.ConfigError` (a ValueError).
     """
     check_scan_impl(impl)
     if not torch.jit.is_tracing():  # under jit tracing the checks would only emit TracerWarnings
         check_inputs(u, delta, A, B, C, D, delta_bias)
     device = u.device
     why = "requested explicitly"
-    if impl == "auto":
-        impl, why = _auto_impl(device)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # custom ops and kernels do not export
+        why = "ONNX export / jit tracing needs standard ops" + (f" (instead of {impl!r})" if impl != "auto" else "")
+        impl = "reference"
+    elif impl == "auto":
+        impl, why = _auto_impl(device, u.dtype)
 
     if impl == "reference":
         y = scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
@@ -143,7 +151,7 @@ def selective_scan(
     elif impl == "cpu":
         y = _compiled_kernel(impl, device, why)(u, delta, A, B, C, D, delta_bias, delta_softplus)
     else:
-        y = _compiled_kernel(impl, device, why)(
+        y = _compiled_kernel(impl, device, why, u.dtype)(
             u, delta, A, B, C, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus
         )
 

@@ -5,7 +5,7 @@ from typing import Callable, List, Optional, Sequence
 
 from hymamba.errors import ConfigError
 
-__all__ = ["image_size", "none_or", "positive_int"]
+__all__ = ["image_size", "non_negative_int", "none_or", "positive_int"]
 
 
 def image_size(given: Optional[Sequence[int]], default: Sequence[int]) -> List[int]:
@@ -28,14 +28,23 @@ def none_or(kind: type) -> Callable[[str], object]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
+def _int_at_least(text: str, low: int) -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    return _int_at_least(text, 0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from hymamba.cli.commands._common import positive_int
+from hymamba.cli.commands._common import non_negative_int, positive_int
 
 HELP = "measure MambaVision paths and timm peers side by side"
 
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch for throughput and training (default: 16)")
     p.add_argument("--image-size", type=positive_int, default=224, help="input side (default: 224)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per metric (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs first (default: 1)")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training-step measurement")
     p.add_argument("--out", default=None, help="folder for results.json, results.csv and a PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

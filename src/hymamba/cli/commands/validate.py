@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hymamba.cli.commands._common import positive_int
+from hymamba.cli.commands._common import non_negative_int, positive_int
 
 HELP = "top-1/top-5/loss of weights on an ImageFolder split or the digits"
 PARSER_KWARGS = dict(description="Evaluate with the model's own preprocessing (resize by crop_pct, crop mode, "
@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a checkpoint")
     p.add_argument("--split", default="val", help="subfolder of DATA to evaluate (default: val)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(8, cores))")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's)")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="data-loading processes (default: min(8, cores))")
+    p.add_argument("--img-size", type=positive_int, default=None, help="input side (default: the model's)")
     p.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction (default: the model's)")
     p.add_argument("--crop-mode", default=None, help="center, squash or border (default: the model's)")
     p.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's)")

@@ -40,6 +40,8 @@ class ClassificationConfig(EngineConfig):
     attention_pattern: str = option("last_half", "where attention blocks go in levels 2-3 (paper ablation): "
                                                  "last_half (MambaVision), first_half, interleave, mamba_only, "
                                                  "attention_only")
+    ssm_init: str = option("official", "initialisation from scratch: official (dt_proj like every Linear, as the "
+                                        "official model) or mamba (Mamba's dt_proj init)")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     scan_impl: str = option("auto", "selective-scan implementation")
     max_train_samples: Optional[int] = option(None, "use only this many training images (spread over the set)")
@@ -68,12 +70,13 @@ class ClassificationConfig(EngineConfig):
     def check(self) -> None:
         """Reject impossible settings before any work starts (ConfigError saying what to do)."""
         from hymamba.factory import resolve_model_name
-        from hymamba.models.options import options_from
+        from hymamba.models.options import check_option, options_from
         from hymamba.ops import check_scan_impl
 
         super().check()
         resolve_model_name(self.model)
         options_from(self.__dict__)
+        check_option("ssm_init", self.ssm_init)
         check_scan_impl(self.scan_impl)
         need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
         need(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0")

@@ -116,7 +116,8 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         cfg = self.config
-        kwargs: Dict[str, Any] = dict(num_classes=len(self.class_names), scan_impl=cfg.scan_impl, **self.architecture())
+        kwargs: Dict[str, Any] = dict(num_classes=len(self.class_names), scan_impl=cfg.scan_impl,
+                                      ssm_init=cfg.ssm_init, **self.architecture())
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path
         model = create_model(self.name, **kwargs)
