@@ -70,13 +70,34 @@ def test_float32_gradients_close() -> None:
         torch.testing.assert_close(p.grad, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()) + 1e-7, msg=n)
 
 
-def test_padding_path_is_exercised() -> None:
-    """tiny_b's 72x88 input needs window padding in levels 2 and 3 (the quirk the fixture checks)."""
+def test_padding_path_is_exercised(monkeypatch) -> None:
+    """tiny_b's 72x88 input needs window padding in levels 2 and 3 (the quirk the fixture checks):
+    our model's levels 2-3 get feature maps that are not multiples of their windows, pad them
+    (their windows are cut from a larger, padded map), and still return the official stage outputs."""
+    import hymamba.models.mambavision as mv
+
     case = load_case("tiny_b")
-    h, w = case["input_shape"][2:]
+    exp = case["tensors"]
+    model = _model(case, "reference", torch.float64)
+    inputs, partitioned = {}, []
     for level in (2, 3):
-        ws = case["config"]["window_size"][level]
-        side_h, side_w = h, w
-        for _ in range(level + 2):  # every stride-2 conv (k3, p1) maps n -> ceil(n / 2)
-            side_h, side_w = (side_h + 1) // 2, (side_w + 1) // 2
-        assert side_h % ws or side_w % ws
+        model.levels[level].register_forward_pre_hook(
+            lambda mod, args, level=level: inputs.__setitem__(level, tuple(args[0].shape[-2:])))
+    real = mv.window_partition
+
+    def spy(x: torch.Tensor, window_size: int) -> torch.Tensor:
+        partitioned.append((tuple(x.shape[-2:]), window_size))
+        return real(x, window_size)
+
+    monkeypatch.setattr(mv, "window_partition", spy)
+    with torch.no_grad():
+        _, stages = model.forward_intermediates(exp["input"])
+    assert sorted(inputs) == [2, 3] and len(partitioned) == 2
+    for (level, (h, w)), ((hp, wp), ws) in zip(sorted(inputs.items()), partitioned):
+        assert ws == case["config"]["window_size"][level]
+        assert h % ws or w % ws, f"level {level}: {h}x{w} needs no padding for window {ws}"
+        # what the windows were cut from: the map padded up to whole windows, nothing more
+        assert (hp, wp) == (-(-h // ws) * ws, -(-w // ws) * ws) and (hp, wp) != (h, w)
+        stage = stages[level]
+        assert stage.shape[-2:] == (h, w)  # the padding is cropped away again
+        torch.testing.assert_close(stage, exp[f"stage{level + 1}"], rtol=1e-6, atol=1e-10)

@@ -39,6 +39,25 @@ def _tiny(data: Path, out: Path, **kw) -> TrainConfig:
     return build_config(overrides=values)
 
 
+def _by_hand(model: torch.nn.Module, folder: Path, data_config: dict, amp: bool = False) -> tuple:
+    """(top-1 %, mean cross-entropy, images) of ``model`` on an ImageFolder split, computed
+    independently: timm's eval transform with the recorded preprocessing, torchvision's ImageFolder
+    (the corrupt files left out by name), one batch, optionally under bf16 autocast."""
+    import torch.nn.functional as F
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    tf = create_transform(data_config["input_size"], interpolation=data_config["interpolation"],
+                          mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+                          crop_mode=data_config["crop_mode"])
+    ds = ImageFolder(str(folder), transform=tf, is_valid_file=lambda p: "zz_" not in p and p.endswith((".png", ".jpg")))
+    assert ds.classes == list(CLASSES)
+    x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits = model.eval()(x).float()
+    return 100.0 * (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item(), len(ds)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "ds", train=8, val=3)
@@ -187,14 +206,24 @@ def test_existing_output_needs_resume(capsys, trained: Path, data: Path) -> None
 # a real run and its outputs
 
 
-def test_outputs_of_a_run(trained: Path) -> None:
+def test_outputs_of_a_run(trained: Path, data: Path) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     for key in ("best_top1", "final_top1", "epochs", "wall_seconds", "skipped_images"):
         assert key in summary
+    # the reported numbers are the delivered weights' (the EMA's), evaluated under bf16 autocast
+    # (amp is on): recomputed by hand from model.safetensors and the preprocessing in model.json
+    assert summary["metric_from"] == "ema"
+    final = create_model("test_mambavision", checkpoint_path=trained / "model.safetensors")
+    top1, loss, n = _by_hand(final, data / "val", json.loads((trained / "model.json").read_text()), amp=True)
+    assert n == 9 and summary["final_top1"] == pytest.approx(top1)
+    assert summary["final_loss"] == pytest.approx(loss, rel=1e-4)  # measured: equal
     assert summary["epochs"] == 2 and summary["skipped_images"] == 4  # 2 corrupt files in train/ and in val/
     assert summary["val_images"] == 9 and summary["train_images_per_epoch"] == 24
     rows = _rows(trained / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["lr"]) > 0
+    # metrics.csv holds 4 decimals
+    assert float(rows[-1]["ema_top1"]) == pytest.approx(summary["final_top1"], abs=1e-3)
+    assert summary["best_top1"] == pytest.approx(max(float(r["ema_top1"]) for r in rows), abs=1e-3)
     assert (trained / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (trained / "config.yaml").is_file() and (trained / "best.pth").is_file()
     assert not list(trained.glob(".*tmp*"))  # no temporary files left behind
@@ -253,7 +282,13 @@ def test_ablation_variant_trains_and_evaluates(data: Path, tmp_path: Path) -> No
     final = validate("test_mambavision", out / "model.safetensors", data=str(data), batch_size=4, workers=0)
     assert final["top1"] == pytest.approx(summary["final_top1"])
     resumable = validate("test_mambavision", out / "last.pth", data=str(data), batch_size=4, workers=0)
-    assert 0.0 <= resumable["top1"] <= 100.0  # the training checkpoint records the options too
+    # the training checkpoint records the options too: validate rebuilds the causal_conv /
+    # first_half model from it and evaluates its raw (non-EMA) weights; the same by hand:
+    raw = create_model("test_mambavision", num_classes=3, mixer_variant="causal_conv", attention_pattern="first_half")
+    raw.load_state_dict(torch.load(out / "last.pth", weights_only=True)["model"])
+    top1, loss, n = _by_hand(raw, data / "val", resumable["preprocessing"])
+    assert resumable["images"] == n == 9
+    assert resumable["top1"] == pytest.approx(top1) and resumable["loss"] == pytest.approx(loss, rel=1e-5)
     image = next((data / "val").rglob("*.png"))
     assert len(predict("test_mambavision", out / "model.safetensors", [image], topk=2)[0]["top"]) == 2
 

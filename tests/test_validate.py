@@ -31,8 +31,12 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
-def _reference(model: torch.nn.Module, folder: Path, data_config: dict) -> tuple:
-    """What timm's (and the official) validation computes, written out independently."""
+def _reference(model: torch.nn.Module, folder: Path, data_config: dict, class_names=None) -> tuple:
+    """What timm's (and the official) validation computes, written out independently.
+
+    ``class_names``: the model's classes, when the folder's own class indices are not the model's
+    (a folder with a subset of the classes, in another order): targets are then mapped by name.
+    """
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -42,6 +46,8 @@ def _reference(model: torch.nn.Module, folder: Path, data_config: dict) -> tuple
     ds = ImageFolder(str(folder), transform=tf, is_valid_file=lambda p: "zz_" not in p and p.endswith((".png", ".jpg")))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor(ds.targets)
+    if class_names is not None:
+        y = torch.tensor([list(class_names).index(ds.classes[t]) for t in ds.targets])
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -89,7 +95,13 @@ def test_class_names_map_by_name_and_mismatches_are_errors(run: Path, tmp_path: 
     make_image_folder(tmp_path / "two", {"cherry": 2, "apple": 2}, corrupt=False, classes=("cherry", "apple"))
     sub = validate("test_mambavision", ckpt, data=str(tmp_path / "two"), workers=0)
     full = validate("test_mambavision", ckpt, data=str(run.parent / "ds"), workers=0)
-    assert sub["images"] == 4 and 0 <= sub["top1"] <= 100 and full["images"] == 15
+    assert sub["images"] == 4 and full["images"] == 15
+    # apple and cherry are the model's classes 0 and 2 (model.json), not the folder's 0 and 1
+    model = create_model("test_mambavision", checkpoint_path=ckpt)
+    top1, _, loss, n = _reference(model, tmp_path / "two", sub["preprocessing"], class_names=CLASSES)
+    assert n == 4 and sub["top1"] == pytest.approx(top1) and sub["loss"] == pytest.approx(loss, rel=1e-5)
+    wrong = _reference(model, tmp_path / "two", sub["preprocessing"])  # the folder's own indices
+    assert sub["loss"] != pytest.approx(wrong[2], rel=1e-3)  # so the check above tells the two apart
     make_image_folder(tmp_path / "four" / "val", {c: 1 for c in ("a", "b", "c", "d")}, corrupt=False,
                       classes=("a", "b", "c", "d"))
     assert main(["validate", "test_mambavision", str(tmp_path / "four"), "--checkpoint", ckpt]) == 2

@@ -3,6 +3,7 @@
 Public API::
 
     create_model(name, pretrained=False, checkpoint_path=None, **kwargs)
+    create_backbone(name, out_indices=(0, 1, 2, 3), checkpoint_path=None, ...)  # dense backbone
     list_models(pattern="*")
     load_checkpoint(model, path, strict=True, use_ema=False)
     MambaVision(...)                       # the official constructor
@@ -33,6 +34,7 @@ _API = {
     "ConfigError": "hymamba.errors",
     "HymambaError": "hymamba.errors",
     "MambaVision": "hymamba.models.mambavision",
+    "create_backbone": "hymamba.factory",
     "create_model": "hymamba.factory",
     "list_models": "hymamba.factory",
     "load_checkpoint": "hymamba.factory",

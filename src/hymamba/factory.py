@@ -4,6 +4,8 @@
   (``checkpoint_path=`` or ``pretrained=True`` from a local file; nothing is downloaded);
 - :func:`load_checkpoint`: weights into an existing model, with a report;
 - :func:`load_trained_model`: a classifier with trained weights, for evaluation and prediction;
+- :func:`create_backbone`: the dense backbone (the official ``MM_mamba_vision``) of a variant, with
+  ImageNet or official dense (mmengine) weights;
 - the timm registration: every variant is a timm model (``timm.create_model("mambavision_t")``),
   whose entrypoint is :func:`create_model`, so ``pretrained=True``/``checkpoint_path=`` work there too.
 
@@ -13,10 +15,11 @@ models), and a checkpoint that does not fit names the variant whose shapes it ha
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import FeatureGetterNet
 
 from hymamba.errors import CheckpointError, ConfigError, WeightsNotFound
+from hymamba.models.backbone import OFFICIAL_DENSE_DROP_PATH, MambaVisionBackbone
 from hymamba.models.mambavision import MambaVision
 from hymamba.models.options import options_from
 from hymamba.models.variants import VARIANTS
@@ -33,10 +37,12 @@ from hymamba.weights.io import checkpoint_dir
 from hymamba.weights.load import LoadReport, load_state_dict
 from hymamba.weights.metadata import Checkpoint, read_checkpoint
 
-__all__ = ["ALIASES", "create_model", "detect_variant", "list_models", "load_checkpoint", "load_trained_model",
-           "official_weights_path", "resolve_model_name"]
+__all__ = ["ALIASES", "create_backbone", "create_model", "detect_variant", "list_models", "load_backbone_weights",
+           "load_checkpoint", "load_trained_model", "official_weights_path", "resolve_model_name"]
 
 PathLike = Union[str, os.PathLike]
+
+logger = logging.getLogger("hymamba")
 
 #: official model names (as in NVlabs/MambaVision) -> hymamba names
 ALIASES = {v.official_name: name for name, v in VARIANTS.items() if v.official_name}
@@ -209,6 +215,109 @@ def load_trained_model(name: str, checkpoint: Optional[PathLike] = None, *, pret
     model = create_model(name, num_classes=ckpt.num_classes, scan_impl=scan_impl, **options_from(ckpt.meta))
     load_checkpoint(model, ckpt, strict=True)
     return model, ckpt.meta
+
+
+# ----------------------------------------------------------------------------------------------
+# the dense backbone
+
+#: what a classification checkpoint has that the backbone has not (dropped, and reported)
+CLASSIFIER_PREFIXES = ("head.", "norm.")
+#: where a dense (mmengine) checkpoint keeps the backbone
+DENSE_PREFIX = "backbone."
+
+
+def create_backbone(
+    name: str,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    window_size: Optional[Sequence[int]] = None,
+    drop_path_rate: Optional[float] = None,
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
+    checkpoint_path: Optional[PathLike] = None,
+    **overrides: Any,
+) -> MambaVisionBackbone:
+    """A variant's dense backbone (:class:`~hymamba.models.backbone.MambaVisionBackbone`), with weights.
+
+    Args:
+        name: a name from :func:`list_models` or an official name.
+        out_indices: the levels whose (outnorm-ed) maps are returned.
+        window_size: windows per level, e.g. ``(8, 8, 64, 32)`` as the official ADE20K tiny config
+            (default: the variant's ImageNet windows).
+        drop_path_rate: stochastic depth (default 0.2: what every official dense run used, whatever
+            its config said).
+        frozen_stages, norm_eval: see :class:`~hymamba.models.backbone.MambaVisionBackbone`.
+        checkpoint_path: weights to load:
+
+            - an ImageNet checkpoint (official ``.pth.tar``, Hugging Face folder, safetensors, a
+              training checkpoint): its ``head.*`` and final ``norm.*`` are dropped, the outnorms keep
+              their fresh values (weight 1, bias 0);
+            - an official dense checkpoint (mmengine ``.pth`` of a segmenter or detector): its
+              ``backbone.*`` tensors are taken, everything else (heads, necks) is left out.
+
+            Both are strict on the backbone's own keys: a missing or mis-shaped one raises
+            :class:`CheckpointError` and nothing is loaded. What was left out and what stayed fresh
+            is logged and kept as ``model.load_report`` (a :class:`~hymamba.weights.load.LoadReport`:
+            ``unexpected`` = the file's keys not loaded, ``missing`` = the backbone's keys left fresh).
+        **overrides: constructor arguments over the variant's (``num_heads``, ``scan_impl``,
+            ``norm_layer``, ``layer_scale``, ...); ``pretrained=True`` loads the variant's official
+            ImageNet weights from a local file, as :func:`create_model` (nothing is downloaded).
+    """
+    name = resolve_model_name(name)
+    if overrides.pop("pretrained", False) and checkpoint_path is None:
+        checkpoint_path = official_weights_path(name)
+    ckpt = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    args = {k: v for k, v in VARIANTS[name].args.items() if k != "num_classes"}
+    if ckpt is not None:
+        for key, value in options_from(ckpt.meta).items():  # ablation options the weights were trained with
+            overrides.setdefault(key, value)
+    args.update(overrides)
+    args["drop_path_rate"] = OFFICIAL_DENSE_DROP_PATH if drop_path_rate is None else drop_path_rate
+    if window_size is not None:
+        args["window_size"] = tuple(window_size)
+    model = MambaVisionBackbone(out_indices=out_indices, frozen_stages=frozen_stages, norm_eval=norm_eval, **args)
+    model.load_report = None
+    if ckpt is not None:
+        model.load_report = load_backbone_weights(model, ckpt)
+    return model
+
+
+def load_backbone_weights(model: MambaVisionBackbone, ckpt: Checkpoint) -> LoadReport:
+    """Load an ImageNet or dense checkpoint into a backbone (see :func:`create_backbone`); all or nothing."""
+    sd = ckpt.state_dict
+    dense = any(k.startswith(DENSE_PREFIX) for k in sd)
+    if dense:
+        own = {k[len(DENSE_PREFIX):]: v for k, v in sd.items() if k.startswith(DENSE_PREFIX)}
+        left_out = [k for k in sd if not k.startswith(DENSE_PREFIX)]
+    else:
+        own = {k: v for k, v in sd.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+        left_out = [k for k in sd if k.startswith(CLASSIFIER_PREFIXES)]
+    prefix = DENSE_PREFIX if dense else ""
+    outnorms = {f"outnorm{i}." for i in model.out_indices}
+    for k in [k for k in own if k.startswith("outnorm") and not k.startswith(tuple(outnorms))]:
+        own.pop(k)  # the norm of a map this backbone does not return
+        left_out.append(prefix + k)
+    fresh = []
+    if not any(k.startswith("outnorm") for k in own):  # an ImageNet checkpoint: the outnorms start fresh
+        fresh = [k for k in model.state_dict() if k.startswith(tuple(outnorms))]
+        own.update({k: v for k, v in model.state_dict().items() if k in fresh})
+    load_state_dict(model, own, strict=True, source=str(ckpt.path), hint=lambda: _backbone_hint(own))
+    report = LoadReport(missing=fresh, unexpected=left_out, source=str(ckpt.path))
+    logger.info("%s: loaded %d backbone tensors (%s checkpoint); left out %d keys%s; left fresh: %s", ckpt.path,
+                len(own) - len(fresh), "dense" if dense else "classification", len(left_out),
+                f" ({', '.join(left_out[:6])}{', ...' if len(left_out) > 6 else ''})" if left_out else "",
+                ", ".join(fresh) or "nothing")
+    return report
+
+
+def _backbone_hint(sd: Dict[str, torch.Tensor]) -> str:
+    """Which variant's stem and levels have the shapes of ``sd`` (for error messages)."""
+    body = ("patch_embed.", "levels.")
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(body)}
+    for name in VARIANTS:
+        if {k: v for k, v in _variant_shapes(name) if k.startswith(body)} == shapes:
+            return (f"the checkpoint's stem and levels match the variant '{name}': "
+                    f"use hymamba.create_backbone('{name}', checkpoint_path=...)")
+    return "the checkpoint's stem and levels match no known MambaVision variant"
 
 
 # ----------------------------------------------------------------------------------------------

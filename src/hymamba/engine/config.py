@@ -14,8 +14,10 @@ This module imports neither torch nor a task, so the command line can build its 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,68 @@ def need(ok: bool, message: str) -> None:
     """Raise ConfigError(message) unless ``ok``."""
     if not ok:
         raise ConfigError(message)
+
+
+_BAD = object()  # _scalar's answer for a value that does not fit
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """``value`` as ``kind`` (bool, int, float or str), or ``_BAD``. Numbers written as text ('1e-3',
+    which YAML 1.1 reads as a string) count as numbers; booleans are never numbers nor text."""
+    if kind is bool:
+        return value if isinstance(value, bool) else _BAD
+    if kind in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if kind is float or not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                return _BAD
+        if not _is_number(value):
+            return _BAD
+        if kind is int:
+            if isinstance(value, float):
+                return int(value) if value.is_integer() else _BAD
+            return value
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            return _BAD
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if _is_number(value) or isinstance(value, (datetime.date, datetime.time)):  # e.g. output: 2024
+            return str(value)
+        return _BAD
+    return value if isinstance(value, kind) else _BAD
+
+
+def _expected(kind: type, length: Optional[int]) -> str:
+    if length is not None:
+        return f"a list of {length} numbers"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(kind, kind.__name__)
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "text", list: "a list", dict: "a mapping",
+             type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxlevel = 60, 60, 6, 6, 4, 2
+
+
+def _show(value: Any) -> str:
+    """A short repr (bounded in depth and length: a YAML file can nest and alias without limit), with
+    YAML's spelling of true, false and null."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    text = _REPR.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 @dataclass
@@ -81,22 +145,41 @@ class Config:
         """Read a YAML config file; unknown keys and unreadable files are a ConfigError."""
         import yaml
 
-        p = Path(path).expanduser()
-        if not p.is_file():
+        try:
+            p = Path(path).expanduser()
+            found = p.is_file()  # not a folder, pipe or device (reading those could hang)
+        except (OSError, ValueError, RuntimeError) as e:  # a name too long, a NUL byte, an unknown ~user
+            raise ConfigError(f"cannot use {str(path)[:200]!r} as a config file: {e}") from None
+        if not found:
             raise ConfigError(f"config file not found: {p}; the recipes live in the repository's configs/ folder")
         try:
             with open(p, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"could not read the config file {p}: {str(e).splitlines()[0]}; it must be YAML "
-                              "holding option: value lines") from None
+                values = yaml.safe_load(f)  # plain data only: no tags that build Python objects
+        except OSError as e:
+            raise ConfigError(f"could not read the config file {p}: {e.strerror or e}") from None
+        except Exception as e:  # noqa: BLE001 - YAML syntax, bad UTF-8, a nesting too deep, a 5000-digit number
+            if isinstance(e, RecursionError):
+                detail = "values nest too deeply"
+            elif isinstance(e, ValueError) and "digits" in str(e) and not isinstance(e, UnicodeDecodeError):
+                detail = "a number has too many digits"
+            else:
+                detail = " ".join(str(e).split())[:200] or type(e).__name__
+            raise ConfigError(f"could not read the config file {p}: {detail}; it must be YAML holding "
+                              "option: value lines") from None
+        if values is None:  # an empty file (or only comments)
+            values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{p} must hold a mapping of option: value, found a {type(values).__name__}")
+            raise ConfigError(f"{p} must hold option: value lines (a YAML mapping), found {_kind(values)} "
+                              f"{_show(values)}")
         cls._check_keys(values, str(p))
         return values
 
     @classmethod
-    def _check_keys(cls, values: Mapping[str, Any], source: str) -> None:
+    def _check_keys(cls, values: Mapping[Any, Any], source: str) -> None:
+        for k in values:
+            if not isinstance(k, str):
+                raise ConfigError(f"{source}: option names must be text, found {_kind(k)} {_show(k)}; write "
+                                  "option: value lines (see '--help' for the options)")
         unknown = sorted(set(values) - set(cls.fields()))
         if unknown:
             hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, cls.fields(), 1)) else k
@@ -104,26 +187,40 @@ class Config:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(hints)}; see '--help' for the options")
 
     @classmethod
-    def _coerce(cls, name: str, value: Any) -> Any:
+    def _coerce(cls, name: str, value: Any, source: Optional[str] = None) -> Any:
+        """``value`` as the type of field ``name``, or a ConfigError naming the option, the value found
+        and what is expected (prefixed by ``source``, the file it came from, when given)."""
         f = cls.fields()[name]
         kind, length = cls.field_type(f)
+        where = f"{source}: " if source else ""
         if value is None:
-            return None
+            if cls.field_optional(f):
+                return None
+            default = getattr(cls(), name)
+            raise ConfigError(f"{where}option {name} cannot be null: expected {_expected(kind, length)}; remove "
+                              f"it to keep the default ({_show(default)})")
         if length is not None:
             if not isinstance(value, (list, tuple)) or len(value) != length:
-                raise ConfigError(f"option {name} needs {length} numbers, got {value!r}")
-            return tuple(kind(v) for v in value)
+                raise ConfigError(f"{where}option {name} needs {length} numbers, got {_show(value)}")
+            items = []
+            for v in value:
+                item = _scalar(kind, v)
+                if item is _BAD:
+                    raise ConfigError(f"{where}option {name} needs {length} numbers, got {_show(value)}: "
+                                      f"{_show(v)} is not {_expected(kind, None)}")
+                items.append(item)
+            return tuple(items)
+        result = _scalar(kind, value)
+        if result is not _BAD:
+            return result
         if kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"option {name} must be true or false, got {value!r}")
-            return value
-        if kind is int and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"option {name} must be a number, got {value!r}")
-        if kind is int and not isinstance(value, int):
-            raise ConfigError(f"option {name} must be a whole number, got {value!r}")
-        return kind(value)
+            raise ConfigError(f"{where}option {name} must be true or false, got {_show(value)}")
+        if kind is int and _is_number(value):
+            raise ConfigError(f"{where}option {name} must be a whole number, got {_show(value)}")
+        if kind in (int, float):
+            raise ConfigError(f"{where}option {name} must be a number, got {_show(value)}")
+        hint = " (YAML reads yes/no/on/off as true/false: quote the text)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{where}option {name} must be {_expected(kind, None)}, got {_show(value)}{hint}")
 
     @classmethod
     def build(cls: Type[C], config_file: Optional[str | os.PathLike] = None,
@@ -135,8 +232,9 @@ class Config:
                               ("overrides", overrides)):
             if layer:
                 cls._check_keys(layer, source)
-                values.update(layer)
-        return cls(**{k: cls._coerce(k, v) for k, v in values.items()})
+                values.update({k: cls._coerce(k, v, None if source == "overrides" else source)
+                               for k, v in layer.items()})
+        return cls(**values)
 
     def check(self) -> None:
         """Reject impossible settings before any work starts (ConfigError saying what to do)."""

@@ -15,8 +15,9 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from hymamba.errors import ConfigError
+from hymamba.errors import CheckpointError, ConfigError
 from hymamba.utils.io import atomic_write
+from hymamba.weights.io import read_file
 from hymamba.weights.metadata import TRAIN_STATE_FORMAT as FORMAT
 
 __all__ = ["FORMAT", "get_rng_state", "load_train_state", "save_train_state", "set_rng_state"]
@@ -54,24 +55,39 @@ def save_train_state(state: Dict[str, Any], path: str | os.PathLike) -> Path:
     return p
 
 
+#: what the training loop reads back from a checkpoint, and the type each entry must have
+_STATE_ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "config": dict, "epoch": int,
+                  "batches_done": int, "global_step": int, "history": list, "wall_seconds": (int, float),
+                  "world_size": int, "ranks": list}
+
+
 def load_train_state(path: str | os.PathLike) -> Dict[str, Any]:
     """Read a training checkpoint: a file, or an output folder (its ``last.pth``).
 
     Raises:
-        ConfigError: the path holds no hymamba training checkpoint.
+        ConfigError: the path holds no hymamba training checkpoint (nothing there, or plain weights).
+        CheckpointError: the file cannot be read (empty, torn, corrupt, foreign objects) or is damaged.
     """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "last.pth"
-    if not p.is_file():
-        raise ConfigError(f"nothing to resume at {path}: expected a training output folder holding last.pth, "
-                         "or a .pth written by 'hymamba train'")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: say which and why
-        raise ConfigError(f"could not read the training checkpoint {p}: {e}") from None
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / "last.pth"
+        found = p.is_file()
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a NUL byte, an unknown ~user
+        raise ConfigError(f"cannot use {str(path)[:200]!r} to resume: {e}") from None
+    if not found:
+        raise ConfigError(f"nothing to resume at {path}: expected a training output folder holding last.pth, "
+                          "or a .pth written by 'hymamba train'")
+    state = read_file(p)  # CheckpointError naming the file and what is wrong with it
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"{p} is not a hymamba training checkpoint (format {FORMAT}); to fine-tune from plain "
-                         "weights use --checkpoint instead of --resume")
+                          "weights use --checkpoint instead of --resume")
+    for key, kind in _STATE_ENTRIES.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = kind.__name__ if isinstance(kind, type) else "a number"
+            raise CheckpointError(f"{p} is a damaged training checkpoint: its {key!r} entry should be {expected}, "
+                                  f"found {'nothing' if key not in state else type(value).__name__}; resume from "
+                                  "another checkpoint of the run (best.pth) or start afresh")
     state["path"] = str(p)
     return state

@@ -19,11 +19,11 @@ from timm.layers import DropPath
 
 from hymamba.errors import ConfigError
 from hymamba.models.options import check_option
-from hymamba.ops import selective_scan
-from hymamba.ops.linear import FastLinear, gelu_linear, layer_norm_linear
+from hymamba.ops import check_scan_impl, selective_scan
+from hymamba.ops.linear import LINEAR_IMPLS, FastLinear, gelu_linear, layer_norm_linear
 
 __all__ = ["Attention", "Block", "ConvBlock", "Downsample", "MambaVisionMixer", "Mlp", "PatchEmbed", "conv_layout",
-           "depthwise_conv_same", "is_number", "window_partition", "window_reverse"]
+           "depthwise_conv_same", "is_number", "set_linear_impl", "set_scan_impl", "window_partition", "window_reverse"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,3 +376,22 @@ class Block(nn.Module):
 def is_number(value: Any) -> bool:
     """A real number (not a bool): how the official code tells "layer scale on" from None/False."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def set_scan_impl(module: nn.Module, impl: str) -> str:
+    """Set the selective-scan implementation of every mixer in ``module``; returns ``impl`` (checked)."""
+    check_scan_impl(impl)
+    for m in module.modules():
+        if isinstance(m, MambaVisionMixer):
+            m.scan_impl = impl
+    return impl
+
+
+def set_linear_impl(module: nn.Module, impl: str) -> str:
+    """Set how every FastLinear in ``module`` runs ('auto', 'torch', 'onednn'); returns ``impl`` (checked)."""
+    if impl not in LINEAR_IMPLS:
+        raise ConfigError(f"linear_impl must be one of {LINEAR_IMPLS}, got {impl!r}")
+    for m in module.modules():
+        if isinstance(m, FastLinear):
+            m.impl = impl
+    return impl

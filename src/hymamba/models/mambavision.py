@@ -25,10 +25,10 @@ from timm.models._features import feature_take_indices
 
 from hymamba.errors import ConfigError
 from hymamba.models.layers import (Block, ConvBlock, Downsample, MambaVisionMixer, PatchEmbed, conv_layout,
-                                   window_partition, window_reverse)
+                                   set_linear_impl, set_scan_impl, window_partition, window_reverse)
 from hymamba.models.options import attention_block_indices, check_option
 from hymamba.ops import check_scan_impl
-from hymamba.ops.linear import LINEAR_IMPLS, FastLinear
+from hymamba.ops.linear import FastLinear
 
 __all__ = ["MambaVision", "MambaVisionLayer"]
 
@@ -212,19 +212,11 @@ class MambaVision(nn.Module):
 
     def set_scan_impl(self, impl: str) -> None:
         """Choose the selective-scan implementation of every mixer ('auto', 'fast', ...)."""
-        check_scan_impl(impl)
-        for m in self.modules():
-            if isinstance(m, MambaVisionMixer):
-                m.scan_impl = impl
+        set_scan_impl(self, impl)
 
     def set_linear_impl(self, impl: str) -> None:
         """Choose how the token levels' and the head's linear layers run ('auto', 'torch', 'onednn')."""
-        if impl not in LINEAR_IMPLS:
-            raise ConfigError(f"linear_impl must be one of {LINEAR_IMPLS}, got {impl!r}")
-        self.linear_impl = impl
-        for m in self.modules():
-            if isinstance(m, FastLinear):
-                m.impl = impl
+        self.linear_impl = set_linear_impl(self, impl)
 
     # -- timm model contract -----------------------------------------------------------------
 

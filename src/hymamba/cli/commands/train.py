@@ -18,7 +18,7 @@ PARSER_KWARGS = dict(
                 "Runs unchanged under torchrun (DDP). Optional values take 'none'.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="examples:\n"
-           "  hymamba train                          # nano on the built-in digits, about a minute on 2 cores\n"
+           "  hymamba train                          # nano on the built-in digits, about 1.5 minutes on 2 cores\n"
            "  hymamba train DATA --config configs/finetune.yaml --model mambavision_s\n"
            "  torchrun --nproc_per_node 8 -m hymamba.cli train /imagenet --config configs/mambavision_t_1k.yaml\n"
            "  hymamba train --resume runs/mambavision_nano-20250101-120000")

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 
 from hymamba.engine.config import EngineConfig, need, option, resume_config
+from hymamba.errors import ConfigError
 
 __all__ = ["ClassificationConfig", "build_config", "check_config", "config_fields", "config_for_resume"]
 
@@ -46,6 +47,9 @@ class ClassificationConfig(EngineConfig):
     scan_impl: str = option("auto", "selective-scan implementation")
     max_train_samples: Optional[int] = option(None, "use only this many training images (spread over the set)")
     max_val_samples: Optional[int] = option(None, "use only this many validation images")
+
+    # the digits job's schedule (the engine's default is 15 epochs): 20 epochs reach 99% from the official init
+    epochs: int = option(20, "epochs in total, cooldown included")
 
     # augmentation and regularisation
     smoothing: float = option(0.1, "label smoothing")
@@ -102,7 +106,11 @@ class ClassificationConfig(EngineConfig):
                                     "subfolders (or 'digits' for the built-in set)")
         need(not (self.pretrained and self.checkpoint), "give either pretrained or checkpoint, not both")
         if self.checkpoint is not None:
-            need(Path(self.checkpoint).expanduser().exists(), f"checkpoint not found: {self.checkpoint}")
+            try:
+                found = Path(self.checkpoint).expanduser().exists()
+            except (RuntimeError, OSError) as e:  # e.g. ~nosuchuser/...
+                raise ConfigError(f"checkpoint path {self.checkpoint!r} cannot be resolved: {e}") from None
+            need(found, f"checkpoint not found: {self.checkpoint}")
 
 
 #: shorthands (the classification config is what ``hymamba train`` reads)
