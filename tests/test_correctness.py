@@ -255,3 +255,39 @@ def test_bad_values_reach_no_file(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err
         assert err.startswith("hymamba: error: ") and message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading: metadata only from where it belongs, and no half-loaded models
+
+
+def test_a_pth_does_not_take_a_stray_config_json(tmp_path: Path) -> None:
+    """Before: any config.json in a .pth's folder was read as its metadata (class names, options)."""
+    from hymamba.weights.metadata import read_checkpoint
+
+    model = hymamba.create_model("test_mambavision", num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    (tmp_path / "config.json").write_text('{"class_names": ["a", "b", "c"], "mixer_variant": "gated"}')
+    assert read_checkpoint(tmp_path / "weights.pth").meta == {}
+    assert hymamba.create_model("test_mambavision", checkpoint_path=tmp_path / "weights.pth").levels[2] \
+        .blocks[0].mixer.variant == "concat"
+    # a Hugging Face folder's weights file does take its folder's config.json
+    from hymamba.weights.io import save_safetensors
+
+    save_safetensors(model.state_dict(), tmp_path / "model.safetensors")
+    assert read_checkpoint(tmp_path / "model.safetensors").meta["class_names"] == ["a", "b", "c"]
+
+
+def test_a_failed_load_leaves_the_model_untouched(tmp_path: Path) -> None:
+    """Before: load_pretrained loaded non-strictly into the model, then raised."""
+    from hymamba.errors import CheckpointError
+
+    other = hymamba.create_model("mambavision_nano", num_classes=10).state_dict()
+    other["levels.3.blocks.0.mixer.D"] = torch.full_like(other["levels.3.blocks.0.mixer.D"], 7.0)
+    del other["norm.weight"]  # does not fit: one key missing
+    torch.save(other, tmp_path / "bad.pth")
+    model = hymamba.create_model("mambavision_nano", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="1 missing keys: norm.weight"):
+        hymamba.load_checkpoint(model, tmp_path / "bad.pth")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

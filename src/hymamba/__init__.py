@@ -4,6 +4,7 @@ Public API::
 
     create_model(name, pretrained=False, checkpoint_path=None, **kwargs)
     create_backbone(name, out_indices=(0, 1, 2, 3), checkpoint_path=None, ...)  # dense backbone
+    create_segmenter(name, num_classes=150, checkpoint_path=None, ...)  # UPerNet segmenter
     list_models(pattern="*")
     load_checkpoint(model, path, strict=True, use_ema=False)
     MambaVision(...)                       # the official constructor
@@ -36,6 +37,7 @@ _API = {
     "MambaVision": "hymamba.models.mambavision",
     "create_backbone": "hymamba.factory",
     "create_model": "hymamba.factory",
+    "create_segmenter": "hymamba.factory",
     "list_models": "hymamba.factory",
     "load_checkpoint": "hymamba.factory",
     "resolve_model_name": "hymamba.factory",

@@ -6,6 +6,7 @@
 - :func:`load_trained_model`: a classifier with trained weights, for evaluation and prediction;
 - :func:`create_backbone`: the dense backbone (the official ``MM_mamba_vision``) of a variant, with
   ImageNet or official dense (mmengine) weights;
+- :func:`create_segmenter`: an official UPerNet segmenter (ADE20K configs), with official weights;
 - the timm registration: every variant is a timm model (``timm.create_model("mambavision_t")``),
   whose entrypoint is :func:`create_model`, so ``pretrained=True``/``checkpoint_path=`` work there too.
 
@@ -32,12 +33,14 @@ from hymamba.errors import CheckpointError, ConfigError, WeightsNotFound
 from hymamba.models.backbone import OFFICIAL_DENSE_DROP_PATH, MambaVisionBackbone
 from hymamba.models.mambavision import MambaVision
 from hymamba.models.options import options_from
+from hymamba.models.segmenters import SEGMENTERS
+from hymamba.models.upernet import Segmenter, build_segmenter
 from hymamba.models.variants import VARIANTS
 from hymamba.weights.io import checkpoint_dir
 from hymamba.weights.load import LoadReport, load_state_dict
 from hymamba.weights.metadata import Checkpoint, read_checkpoint
 
-__all__ = ["ALIASES", "create_backbone", "create_model", "detect_variant", "list_models", "load_backbone_weights",
+__all__ = ["ALIASES", "create_backbone", "create_model", "create_segmenter", "detect_variant", "list_models", "load_backbone_weights",
            "load_checkpoint", "load_trained_model", "official_weights_path", "resolve_model_name"]
 
 PathLike = Union[str, os.PathLike]
@@ -318,6 +321,51 @@ def _backbone_hint(sd: Dict[str, torch.Tensor]) -> str:
             return (f"the checkpoint's stem and levels match the variant '{name}': "
                     f"use hymamba.create_backbone('{name}', checkpoint_path=...)")
     return "the checkpoint's stem and levels match no known MambaVision variant"
+
+
+# ----------------------------------------------------------------------------------------------
+# the segmenters (UPerNet)
+
+#: create_segmenter overrides that shape the heads (the rest go to the backbone)
+_HEAD_KEYS = ("channels", "aux_channels", "pool_scales", "aux_index", "dropout_ratio")
+
+
+def create_segmenter(name: str, num_classes: int = 150, checkpoint_path: Optional[PathLike] = None,
+                     **overrides: Any) -> Segmenter:
+    """An official UPerNet segmenter (:class:`~hymamba.models.upernet.Segmenter`), with its weights.
+
+    Args:
+        name: ``upernet_mambavision_{t,s,b,l3}`` (:data:`~hymamba.models.segmenters.SEGMENTERS`); the
+            defaults are the official ADE20K configs (windows, drop path, layer scale, UPerHead 512 and
+            FCNHead 256 channels).
+        num_classes: output classes (ADE20K: 150).
+        checkpoint_path: an official mmengine ``.pth`` (or any file :func:`read_checkpoint` reads) of
+            the whole segmenter (``backbone.*``, ``decode_head.*``, ``auxiliary_head.*``): loaded with
+            ``strict=True``, nothing loaded when it does not fit (:class:`CheckpointError`). Class names
+            and palette from its ``meta`` become ``model.class_names`` and ``model.palette``.
+        **overrides: head settings (``channels``, ``aux_channels`` (0/None: no auxiliary head),
+            ``pool_scales``, ``aux_index``, ``dropout_ratio``) and backbone arguments
+            (``window_size``, ``drop_path_rate``, ``frozen_stages``, ``norm_eval``, ``scan_impl``, ...).
+    Returns:
+        The segmenter in train mode.
+    """
+    if name not in SEGMENTERS:
+        raise ConfigError(f"unknown segmenter {name!r}. Known segmenters: {', '.join(SEGMENTERS)}")
+    spec = SEGMENTERS[name]
+    head = dict(channels=spec.channels, aux_channels=spec.aux_channels, pool_scales=spec.pool_scales,
+                aux_index=spec.aux_index, dropout_ratio=spec.dropout_ratio)
+    head.update({k: overrides.pop(k) for k in _HEAD_KEYS if k in overrides})
+    ckpt = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    overrides.setdefault("window_size", spec.window_size)
+    overrides.setdefault("drop_path_rate", spec.drop_path_rate)
+    backbone = create_backbone(spec.backbone, **overrides)
+    model = build_segmenter(backbone, num_classes, **head)
+    if ckpt is not None:
+        load_state_dict(model, ckpt.state_dict, strict=True, source=str(ckpt.path))
+        classes, palette = ckpt.meta.get("classes"), ckpt.meta.get("palette")
+        model.class_names = list(classes) if classes is not None and len(classes) == num_classes else None
+        model.palette = [list(c) for c in palette] if palette is not None and len(palette) == num_classes else None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
