@@ -25,23 +25,35 @@ PARSER_KWARGS = dict(
 
 
 def add_config_flags(p: argparse.ArgumentParser, config_cls: type, skip: tuple = ()) -> None:
-    """One flag per field of a :class:`hymamba.engine.config.Config` (booleans get --no-...)."""
+    """One flag per field of a :class:`hymamba.engine.config.Config` (booleans get --no-...): the
+    task's own options first, then the training loop's (:class:`~hymamba.engine.config.EngineConfig`)."""
+    import dataclasses
+
+    from hymamba.engine.config import EngineConfig
+
+    engine = {f.name for f in dataclasses.fields(EngineConfig)}
+    groups = {False: p.add_argument_group("task (data, model, augmentation)")}
+    groups[True] = p.add_argument_group("training loop (schedule, optimiser, EMA, precision, system)")
     defaults = config_cls()
-    for name, f in config_cls.fields().items():
+    fields = config_cls.fields()
+    for name in sorted(fields, key=lambda n: n in engine):  # stable: the task's fields first
         if name in skip:
             continue
+        f = fields[name]
+        group = groups[name in engine]
         kind, length = config_cls.field_type(f)
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = "none" if default is None else " ".join(map(str, default)) if length else default
         text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif length:
-            p.add_argument(flag, type=kind, nargs=length, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+            group.add_argument(flag, type=kind, nargs=length, default=argparse.SUPPRESS, metavar=name.upper(),
+                               help=text)
         else:  # 'none'/'null' mean None only where None is allowed (not e.g. attention_pattern none)
             parse = none_or(kind) if config_cls.field_optional(f) else kind
-            p.add_argument(flag, type=parse, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+            group.add_argument(flag, type=parse, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
