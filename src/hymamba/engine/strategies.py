@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from hymamba.engine.config import STRATEGIES  # the one list (the config checks it without torch)
 from hymamba.errors import ConfigError
 from hymamba.utils.distributed import Dist
 
 __all__ = ["STRATEGIES", "distribute_norm_statistics", "wrap_model"]
-
-STRATEGIES = ("ddp",)
 
 
 def wrap_model(model: nn.Module, dist: Dist, strategy: str = "ddp") -> nn.Module:
