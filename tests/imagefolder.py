@@ -74,3 +74,20 @@ def popen_cli(*args: str, cwd: Optional[Path] = None) -> subprocess.Popen:
 #: flags for a tiny, fast, deterministic training run (test model, 32px, no data-loader workers)
 TINY = ("--model", "test_mambavision", "--input-size", "32", "--batch-size", "4", "--workers", "0",
         "--warmup-epochs", "0", "--cooldown-epochs", "0", "--quiet")
+
+
+def wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the CSV at ``path`` has ``n`` data rows (a running training's metrics.csv)."""
+    import csv
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            with open(path, newline="") as f:
+                if len(list(csv.DictReader(f))) >= n:
+                    return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.01)
+    raise AssertionError("training too slow")

@@ -231,6 +231,9 @@ def test_evaluation_resize_keeps_ratio() -> None:
     assert keep_ratio_size(100, 1000, (2048, 512)) == (205, 2048)  # long side capped
     image, mask = blocks(60, 90, 5)
     x, y = SegEvalTransform(scale=(128, 32))(image, mask)
+    assert x.shape == (3, 32, 48) and y.shape == (60, 90)  # the mask is scored at its own size (mmseg)
+    assert np.array_equal(y.numpy(), mask)
+    x, y = SegEvalTransform(scale=(128, 32), resize_mask=True)(image, mask)
     assert x.shape == (3, 32, 48) and y.shape == (32, 48)
     assert set(np.unique(y.numpy())) <= set(np.unique(mask))
 

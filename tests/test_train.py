@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagefolder import CLASSES, TINY, cli_env, make_dataset, popen_cli, run_cli
+from imagefolder import CLASSES, TINY, cli_env, make_dataset, popen_cli, run_cli, wait_for_rows
 
 from hymamba import create_model, load_checkpoint
 from hymamba.cli import main
@@ -317,17 +317,6 @@ def test_fine_tune_with_a_new_head(trained: Path, tmp_path: Path) -> None:
 # resume: SIGKILL, Ctrl-C, and exactness
 
 
-def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and len(_rows(path)) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.01)
-    raise AssertionError("training too slow")
-
-
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("long") / "ds", train=40, val=4, size=32)
@@ -344,7 +333,7 @@ def reference(long_data: Path, tmp_path_factory) -> Path:
 def test_sigkill_mid_epoch_then_resume_matches(long_data: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     proc = popen_cli("train", str(long_data), *TINY, "--epochs", "3", "--output", str(out))
-    _wait_for_rows(out / "metrics.csv", 1, proc)
+    wait_for_rows(out / "metrics.csv", 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_train_state(out)["epoch"] == 1  # epoch 2 was under way, not saved
@@ -364,7 +353,7 @@ def test_sigkill_mid_epoch_then_resume_matches(long_data: Path, reference: Path,
 def test_ctrl_c_leaves_a_resumable_checkpoint(long_data: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     proc = popen_cli("train", str(long_data), *TINY, "--epochs", "3", "--output", str(out))
-    _wait_for_rows(out / "metrics.csv", 1, proc)
+    wait_for_rows(out / "metrics.csv", 1, proc)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -7,6 +7,8 @@
 - :func:`create_backbone`: the dense backbone (the official ``MM_mamba_vision``) of a variant, with
   ImageNet or official dense (mmengine) weights;
 - :func:`create_segmenter`: an official UPerNet segmenter (ADE20K configs), with official weights;
+- :func:`load_trained_segmenter`: a segmenter with trained weights (a run of ``hymamba segment train``
+  or an official checkpoint), for evaluation and prediction;
 - the timm registration: every variant is a timm model (``timm.create_model("mambavision_t")``),
   whose entrypoint is :func:`create_model`, so ``pretrained=True``/``checkpoint_path=`` work there too.
 
@@ -41,7 +43,8 @@ from hymamba.weights.load import LoadReport, load_state_dict
 from hymamba.weights.metadata import Checkpoint, read_checkpoint
 
 __all__ = ["ALIASES", "create_backbone", "create_model", "create_segmenter", "detect_variant", "list_models", "load_backbone_weights",
-           "load_checkpoint", "load_trained_model", "official_weights_path", "resolve_model_name"]
+           "load_checkpoint", "load_trained_model", "load_trained_segmenter", "official_weights_path",
+           "resolve_model_name"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -330,7 +333,7 @@ def _backbone_hint(sd: Dict[str, torch.Tensor]) -> str:
 _HEAD_KEYS = ("channels", "aux_channels", "pool_scales", "aux_index", "dropout_ratio")
 
 
-def create_segmenter(name: str, num_classes: int = 150, checkpoint_path: Optional[PathLike] = None,
+def create_segmenter(name: str, num_classes: int = 150, checkpoint_path: Union[PathLike, Checkpoint, None] = None,
                      **overrides: Any) -> Segmenter:
     """An official UPerNet segmenter (:class:`~hymamba.models.upernet.Segmenter`), with its weights.
 
@@ -355,7 +358,8 @@ def create_segmenter(name: str, num_classes: int = 150, checkpoint_path: Optiona
     head = dict(channels=spec.channels, aux_channels=spec.aux_channels, pool_scales=spec.pool_scales,
                 aux_index=spec.aux_index, dropout_ratio=spec.dropout_ratio)
     head.update({k: overrides.pop(k) for k in _HEAD_KEYS if k in overrides})
-    ckpt = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    ckpt = (checkpoint_path if isinstance(checkpoint_path, Checkpoint) or checkpoint_path is None
+            else read_checkpoint(checkpoint_path))
     overrides.setdefault("window_size", spec.window_size)
     overrides.setdefault("drop_path_rate", spec.drop_path_rate)
     backbone = create_backbone(spec.backbone, **overrides)
@@ -366,6 +370,62 @@ def create_segmenter(name: str, num_classes: int = 150, checkpoint_path: Optiona
         model.class_names = list(classes) if classes is not None and len(classes) == num_classes else None
         model.palette = [list(c) for c in palette] if palette is not None and len(palette) == num_classes else None
     return model
+
+
+#: the classifier of the decode head: its rows are the segmenter's classes
+_SEG_CLASSIFIER = "decode_head.conv_seg.weight"
+
+
+def load_trained_segmenter(checkpoint: PathLike, name: Optional[str] = None, *, use_ema: bool = False,
+                           scan_impl: str = "auto") -> Tuple[Segmenter, Dict[str, Any]]:
+    """A segmenter with trained weights, and the metadata that came with them (for evaluation).
+
+    Args:
+        checkpoint: a run folder's ``model.safetensors`` (its ``model.json`` says how to rebuild the
+            segmenter), a training checkpoint (``last.pth``/``best.pth``), or an official mmengine
+            ``.pth`` (then ``name`` says which segmenter it is).
+        name: ``upernet_mambavision_{t,s,b,l3}`` for files without hymamba's metadata; for our own
+            runs it may be left out (given, it must agree with the metadata).
+    Returns:
+        ``(model in eval mode, metadata)``; the model has ``class_names`` and ``palette`` (None
+        where the file has none) and loads the file with ``strict=True``.
+    """
+    ckpt = read_checkpoint(checkpoint, use_ema=use_ema)
+    meta = dict(ckpt.meta)
+    if _SEG_CLASSIFIER not in ckpt.state_dict:
+        raise CheckpointError(f"{ckpt.path} is not a segmenter checkpoint (it has no {_SEG_CLASSIFIER}); for a "
+                              "classifier use 'hymamba validate' / 'hymamba predict'")
+    num_classes = int(ckpt.state_dict[_SEG_CLASSIFIER].shape[0])
+    if meta.get("task") == "segmentation":
+        if name is not None and name != meta.get("model"):
+            raise ConfigError(f"{ckpt.path} holds {meta.get('model')!r} (see its metadata), not {name!r}; "
+                              "leave the model name out")
+        kwargs: Dict[str, Any] = dict(drop_path_rate=0.0, scan_impl=scan_impl)
+        if meta.get("window_size"):
+            kwargs["window_size"] = tuple(meta["window_size"])
+        for key, value in options_from(meta).items():
+            kwargs.setdefault(key, value)
+        backbone = create_backbone(meta["backbone"], **kwargs)
+        model = build_segmenter(backbone, num_classes, channels=int(meta["channels"]),
+                                aux_channels=meta.get("aux_channels"), pool_scales=tuple(meta["pool_scales"]),
+                                aux_index=int(meta["aux_index"]), dropout_ratio=float(meta["dropout_ratio"]),
+                                align_corners=bool(meta.get("align_corners", False)))
+        load_state_dict(model, ckpt.state_dict, strict=True, source=str(ckpt.path))
+        classes, palette = meta.get("class_names"), meta.get("palette")
+    elif name is None:
+        raise ConfigError(f"{ckpt.path} does not say which segmenter it holds (no model.json with 'task: "
+                          f"segmentation' beside it); name it, e.g. --model upernet_mambavision_t "
+                          f"(known: {', '.join(SEGMENTERS)})")
+    else:
+        aux = any(k.startswith("auxiliary_head.") for k in ckpt.state_dict)
+        model = create_segmenter(name, num_classes=num_classes, checkpoint_path=ckpt, scan_impl=scan_impl,
+                                 drop_path_rate=0.0, **({} if aux else {"aux_channels": None}))
+        classes, palette = model.class_names, model.palette
+        meta.setdefault("model", name)
+    model.class_names = [str(c) for c in classes] if classes is not None and len(classes) == num_classes else None
+    model.palette = ([[int(v) for v in c] for c in palette]
+                     if palette is not None and len(palette) == num_classes else None)
+    return model.eval(), meta
 
 
 # ----------------------------------------------------------------------------------------------

@@ -214,19 +214,26 @@ class SegNormalize:
 
 
 class SegEvalTransform(SegNormalize):
-    """Keep-ratio resize to ``scale`` ((2048, 512): short side 512), then normalise. ``scale=None``:
-    the image's own size."""
+    """Keep-ratio resize of the image to ``scale`` ((2048, 512): short side 512), then normalise.
+    ``scale=None``: the image's own size.
+
+    The mask keeps its own size, as in mmseg's test pipeline (the annotation is loaded after the
+    resize): predictions are resized back to it and scored there. ``resize_mask=True`` resizes it with
+    the image (nearest) instead."""
 
     def __init__(self, scale: Optional[Tuple[int, int]] = (2048, 512), mean: Sequence[float] = ADE_MEAN,
-                 std: Sequence[float] = ADE_STD) -> None:
+                 std: Sequence[float] = ADE_STD, resize_mask: bool = False) -> None:
         super().__init__(mean, std)
         self.scale = scale
+        self.resize_mask = resize_mask
 
     def __call__(self, image: ImageLike, mask: np.ndarray,
                  rng: Optional[np.random.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         img, m = _as_uint8(image), np.asarray(mask)
         if self.scale is not None:
-            img, m = resize_pair(img, m, keep_ratio_size(*img.shape[:2], self.scale))  # type: ignore[assignment]
+            size = keep_ratio_size(*img.shape[:2], self.scale)
+            img, resized = resize_pair(img, m if self.resize_mask else None, size)
+            m = resized if self.resize_mask else m  # type: ignore[assignment]
         return self.to_tensors(img, m)
 
 
@@ -282,8 +289,10 @@ def collate_segmentation(samples: Sequence[Tuple[Optional[torch.Tensor], Optiona
         return torch.empty(0), torch.empty(0, dtype=torch.long), bad
     h = max(x.shape[-2] for x, _ in good)
     w = max(x.shape[-1] for x, _ in good)
+    mh = max(y.shape[-2] for _, y in good)  # an evaluation mask keeps its own size (SegEvalTransform)
+    mw = max(y.shape[-1] for _, y in good)
     images = torch.zeros(len(good), good[0][0].shape[0], h, w, dtype=good[0][0].dtype)
-    masks = torch.full((len(good), h, w), ignore_index, dtype=torch.long)
+    masks = torch.full((len(good), mh, mw), ignore_index, dtype=torch.long)
     for i, (x, y) in enumerate(good):
         images[i, :, :x.shape[-2], :x.shape[-1]] = x
         masks[i, :y.shape[-2], :y.shape[-1]] = y

@@ -29,7 +29,8 @@ from hymamba.data.images import IMG_EXTENSIONS, UNREADABLE, load_image
 from hymamba.data.seg_transforms import IGNORE_INDEX, SegNormalize
 from hymamba.errors import DataError
 
-__all__ = ["ADE20KDataset", "DigitScenes", "MaskFolderDataset", "read_mask", "reduce_zero_label"]
+__all__ = ["ADE20KDataset", "DIGIT_SCENES_NAME", "DigitScenes", "MaskFolderDataset", "data_kind", "open_split", "read_mask",
+           "reduce_zero_label", "spread_subset"]
 
 SegSample = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], List[str]]
 #: the mask modes read as raw indices
@@ -293,3 +294,67 @@ class DigitScenes(Dataset):
         s = self.scene(i)
         x, y = self.transform(s["image"], s["mask"], np.random.default_rng([self.seed, self.epoch, i]))
         return x, y, []
+
+
+# ----------------------------------------------------------------------------------------------
+# one way to open a split, for training, evaluation and the command line
+
+#: the built-in data set's name on the command line
+DIGIT_SCENES_NAME = "digitscenes"
+#: default split names per layout: (train, val)
+_SPLITS = {"ade20k": ("training", "validation"), "mask folder": ("train", "val"), "digitscenes": ("train", "val")}
+
+
+def data_kind(data: str | os.PathLike) -> str:
+    """``"digitscenes"``, ``"ade20k"`` (``images/`` + ``annotations/``) or ``"mask folder"``.
+
+    Raises:
+        DataError: ``data`` is neither the built-in name nor a folder."""
+    if str(data) == DIGIT_SCENES_NAME:
+        return "digitscenes"
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}. Expected 'digitscenes', an ADE20K root (images/ and "
+                        "annotations/) or a folder with train/ and val/ holding images/ + masks/")
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        return "ade20k"
+    return "mask folder"
+
+
+def open_split(data: str | os.PathLike, split: Optional[str], which: str = "val", *,
+               reduce_zero: Optional[bool] = None, transform: Optional[Callable] = None,
+               substitute_bad: bool = False, seed: int = 0, scene_size: int = 64) -> Tuple[Dataset, str, bool]:
+    """A split of ``data`` (see :func:`data_kind`) and how it was read.
+
+    Args:
+        split: the split's name; None: the layout's default for ``which`` (``"train"``/``"val"``):
+            ADE20K ``training``/``validation``, a mask folder ``train``/``val`` (or the folder itself
+            when it holds ``images/`` + ``masks/`` directly), the scenes ``train``/``val``.
+        reduce_zero: mmseg's ``reduce_zero_label`` (None: on for ADE20K, off otherwise).
+    Returns:
+        ``(dataset, kind, reduce_zero)``.
+    """
+    kind = data_kind(data)
+    name = split or _SPLITS[kind][0 if which == "train" else 1]
+    if kind == "digitscenes":
+        return DigitScenes(name, scene_size, transform=transform, seed=seed), kind, False
+    root = Path(data).expanduser()
+    if kind == "ade20k":
+        reduce = True if reduce_zero is None else bool(reduce_zero)
+        return ADE20KDataset(root, name, reduce, transform, substitute_bad=substitute_bad, seed=seed), kind, reduce
+    reduce = bool(reduce_zero)
+    folder = root / name
+    if split is None and not folder.is_dir() and (root / "images").is_dir() and (root / "masks").is_dir():
+        folder = root  # a single split given directly
+    ds = MaskFolderDataset(folder, reduce, transform, substitute_bad=substitute_bad, seed=seed)
+    if ds.classes is None and folder != root:
+        ds.classes = _read_classes(root, None)  # classes.txt at the data root serves every split
+    return ds, kind, reduce
+
+
+def spread_subset(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    """``limit`` samples spread evenly over ``dataset`` (all of it when None or larger)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    keep = np.linspace(0, len(dataset) - 1, limit).round().astype(int).tolist()
+    return torch.utils.data.Subset(dataset, keep)

@@ -257,6 +257,8 @@ class EngineConfig(Config):
     min_lr: float = option(1e-5, "learning rate at the end of the schedule")
     warmup_lr: float = option(1e-6, "learning rate at the start of warmup")
     sched: str = option("cosine", f"learning-rate schedule ({', '.join(SCHEDULES)})")
+    poly_power: float = option(1.0, "power of the poly schedule (1: linear decay to MIN_LR, as mmseg's PolyLR in "
+                                    "the official dense configs)")
     opt: str = option("lamb", "optimiser, any timm name (lamb, adamw, sgd, ...)")
     opt_betas: Tuple[float, float] = option((0.9, 0.999), "optimiser betas")
     opt_eps: float = option(1e-8, "optimiser epsilon")
@@ -279,6 +281,7 @@ class EngineConfig(Config):
     workers: Optional[int] = option(None, "data-loading processes per training process (default: 0 for "
                                           "built-in data, min(8, cores) for folders)")
     output: Optional[str] = option(None, "output folder (default: runs/<model>-<time>)")
+    eval_first: bool = option(False, "evaluate once before training (the summary's initial_* metrics)")
     tensorboard: bool = option(False, "also write TensorBoard logs (needs the tensorboard package)")
     quiet: bool = option(False, "no progress bars and no per-epoch lines")
 
@@ -298,6 +301,7 @@ class EngineConfig(Config):
              f"val_batch_size must be at least 1, got {self.val_batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be at least 1, got {self.grad_accum}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.poly_power > 0, f"poly_power must be positive, got {self.poly_power}")
         need(self.lr_base_size is None or self.lr_base_size >= 1,
              f"lr_base_size must be positive, got {self.lr_base_size}")
         need(self.min_lr >= 0 and self.warmup_lr >= 0, "min_lr and warmup_lr must be >= 0")

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 INTERRUPTED_EXIT = 130
 #: settings that shape the learning-rate schedule (a resumed run that changes one gets a new schedule)
 _SCHEDULE_KEYS = ("epochs", "warmup_epochs", "cooldown_epochs", "lr", "lr_base_size", "min_lr", "warmup_lr",
-                  "sched", "batch_size", "grad_accum")
+                  "sched", "poly_power", "batch_size", "grad_accum")
 
 
 def _empty_partial() -> Dict[str, float]:
@@ -69,6 +69,7 @@ class Trainer:
         self.session_start = time.perf_counter()
         self.epoch, self.batches_done, self.global_step = 0, 0, 0
         self.history: List[Dict[str, Any]] = []
+        self.initial_metrics: Optional[Dict[str, Any]] = None  # before any training (config.eval_first)
         self.wall_before = 0.0
         self.partial: Dict[str, float] = _empty_partial()
         self.epoch_start = 0.0
@@ -148,7 +149,9 @@ class Trainer:
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs - cfg.cooldown_epochs,
             warmup_epochs=cfg.warmup_epochs, cooldown_epochs=cfg.cooldown_epochs, min_lr=cfg.min_lr,
-            warmup_lr=cfg.warmup_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
+            warmup_lr=cfg.warmup_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
+            # timm takes the poly power from decay_rate (default 0.1: an almost flat schedule)
+            **({"decay_rate": cfg.poly_power} if cfg.sched == "poly" else {}))
         self.amp_dtype = amp_dtype(self.device, cfg.amp, cfg.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -170,7 +173,8 @@ class Trainer:
         self.task.load_state_dict(s)
         self.optimizer.load_state_dict(s["optimizer"])
         now = self.config.to_dict()
-        changed = [k for k in _SCHEDULE_KEYS if s["config"].get(k) != now.get(k)]
+        # (a key the saved run predates, e.g. poly_power, is not a change: its saved schedule is restored)
+        changed = [k for k in _SCHEDULE_KEYS if k in s["config"] and s["config"][k] != now.get(k)]
         if s["world_size"] != self.dist.world_size:
             changed.append("world size")
         if changed:  # the saved schedule would contradict the new settings: follow the new ones
@@ -182,6 +186,7 @@ class Trainer:
             self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.batches_done, self.global_step = s["epoch"], s["batches_done"], s["global_step"]
         self.history = list(s["history"])
+        self.initial_metrics = s.get("initial_metrics")
         self.wall_before = float(s["wall_seconds"])
         ranks = s["ranks"]
         if len(ranks) == self.dist.world_size:
@@ -208,6 +213,10 @@ class Trainer:
         try:  # warnings go through tqdm, so they do not tear the progress bar
             for cb in self.callbacks:
                 cb.on_train_start(self)
+            if self.config.eval_first and self.initial_metrics is None and self.epoch == 0 \
+                    and self.batches_done == 0:
+                self.initial_metrics = self.task.evaluate(self.model, self.amp_dtype)
+                self.echo(f"before training: {self.task.format_metrics(self.initial_metrics)}")
             with _stop_on_signals(self._request_stop), logging_redirect_tqdm():
                 while self.epoch < self.config.epochs:
                     if not self._train_epoch():
@@ -350,6 +359,7 @@ class Trainer:
             "global_step": self.global_step,
             "config": self.config.to_dict(),
             "history": self.history,
+            "initial_metrics": self.initial_metrics,
             "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
             "world_size": self.dist.world_size,
         }
@@ -378,6 +388,7 @@ class Trainer:
         })
         for m in task.metric_names:
             summary[f"final_{m}"] = last.get(f"ema_{m}" if use_ema else m)
+            summary[f"initial_{m}"] = (self.initial_metrics or {}).get(m)
         summary.update({
             f"final_model_{name}": last.get(name), f"final_ema_{name}": last.get(f"ema_{name}"),
             "metric_from": "ema" if use_ema else "model",

@@ -60,8 +60,8 @@ def read_config(path: PathLike) -> Optional[Dict[str, Any]]:
             the wrong type.
     """
     p = Path(path).expanduser()
-    if p.is_dir():
-        candidates = [p / "config.json"]
+    if p.is_dir():  # a Hugging Face folder, or a run folder (model.safetensors + model.json)
+        candidates = [p / "config.json", p / "model.json"]
     else:
         candidates = [p.with_suffix(".json")]
         if p.name in _HF_WEIGHT_FILES:
@@ -119,7 +119,7 @@ def _training_state_meta(obj: Any, path: Path) -> Dict[str, Any]:
     if not isinstance(obj, Mapping) or obj.get("format") != TRAIN_STATE_FORMAT:
         return {}
     meta: Dict[str, Any] = {}
-    for key in ("data_config", "architecture"):
+    for key in ("data_config", "architecture", "segmentation"):  # what the task stored to rebuild the model
         part = obj.get(key)
         if part is None:
             continue
@@ -127,7 +127,7 @@ def _training_state_meta(obj: Any, path: Path) -> Dict[str, Any]:
             raise CheckpointError(f"{path} is a damaged training checkpoint: its {key!r} entry should map names to "
                                   f"values, found a {type(part).__name__}")
         meta.update(part)
-    meta["class_names"] = obj.get("class_names")
+    meta.setdefault("class_names", obj.get("class_names"))
     meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}  # input_size may be a tuple
     _check_meta(meta, str(path))
     return meta

@@ -5,7 +5,7 @@ from typing import Callable, List, Optional, Sequence
 
 from hymamba.errors import ConfigError
 
-__all__ = ["image_size", "non_negative_int", "none_or", "positive_int"]
+__all__ = ["image_size", "non_negative_int", "none_or", "positive_int", "report_unreadable"]
 
 
 def image_size(given: Optional[Sequence[int]], default: Sequence[int]) -> List[int]:
@@ -48,3 +48,18 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: a whole number of at least 0."""
     return _int_at_least(text, 0)
+
+
+def report_unreadable(results: Sequence[dict]) -> int:
+    """Warn once per result with an ``error`` (an image that could not be read); raise DataError when
+    no image at all could be read. Returns how many were skipped."""
+    import sys
+
+    from hymamba.errors import DataError
+
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"hymamba: warning: skipped {r['image']}: {r['error']}", file=sys.stderr)
+    if len(failed) == len(results):
+        raise DataError(f"none of the {len(results)} image(s) could be read")
+    return len(failed)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from hymamba.cli.commands._common import positive_int
+from hymamba.cli.commands._common import positive_int, report_unreadable
 
 HELP = "top-k classes of image files"
 PARSER_KWARGS = dict(description="Classify images with the model's preprocessing; class names come from the "
@@ -26,15 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hymamba.apps.predict import predict
-    from hymamba.errors import DataError
 
     results = predict(args.model, args.checkpoint, args.images, topk=args.topk, pretrained=args.pretrained,
                       use_ema=args.use_ema, device=args.device, scan_impl=args.scan_impl)
-    failed = [r for r in results if "error" in r]
-    for r in failed:
-        print(f"hymamba: warning: skipped {r['image']}: {r['error']}", file=sys.stderr)
-    if len(failed) == len(results):
-        raise DataError(f"none of the {len(results)} image(s) could be read")
+    report_unreadable(results)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

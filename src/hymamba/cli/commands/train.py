@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable, Optional
 
 from hymamba.cli.commands._common import none_or
 
@@ -56,34 +57,59 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls: type, skip: tuple =
             group.add_argument(flag, type=parse, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
 
 
+def add_training_arguments(p: argparse.ArgumentParser, config_cls: type, data_help: str, config_help: str) -> None:
+    """DATA, --config, --resume and one flag per config field: the arguments of every training command."""
+    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="DATA", help=data_help)
+    p.add_argument("--config", default=None, metavar="FILE", help=config_help)
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue a run: its output folder or a .pth it wrote (flags given here override)")
+    add_config_flags(p, config_cls, skip=("data",))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from hymamba.tasks.classification.config import ClassificationConfig
 
-    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="DATA",
-                   help="ImageFolder root, or 'digits' (default: digits)")
-    p.add_argument("--config", default=None, metavar="FILE", help="YAML recipe, e.g. configs/mambavision_t_1k.yaml")
-    p.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue a run: its output folder or a .pth it wrote (flags given here override)")
-    add_config_flags(p, ClassificationConfig, skip=("data",))
+    add_training_arguments(p, ClassificationConfig, "ImageFolder root, or 'digits' (default: digits)",
+                           "YAML recipe, e.g. configs/mambavision_t_1k.yaml")
 
 
-def run(args: argparse.Namespace) -> int:
-    from hymamba.engine import INTERRUPTED_EXIT, load_train_state
-    from hymamba.tasks.classification import ClassificationConfig, config_for_resume, train
+def run_training(args: argparse.Namespace, config_cls: type, config_for_resume: Callable, train: Callable,
+                 command: str) -> Optional[dict]:
+    """Build the config (defaults < --config < flags, or the resumed run's with flags on top), train,
+    and report an interrupted run. Returns the summary on the main process of a finished run, else
+    None (then :func:`training_exit` gives the status)."""
+    from hymamba.engine import load_train_state
 
-    overrides = {k: v for k, v in vars(args).items() if k in ClassificationConfig.fields()}
+    overrides = {k: v for k, v in vars(args).items() if k in config_cls.fields()}
     if args.resume:
         state = load_train_state(args.resume)
         cfg = config_for_resume(state, args.config, overrides)
     else:
-        state, cfg = None, ClassificationConfig.build(args.config, overrides)
+        state, cfg = None, config_cls.build(args.config, overrides)
     summary = train(cfg, resume=state)
+    args._interrupted = bool(summary["interrupted"])
     if int(os.environ.get("RANK", "0")) != 0:
-        return INTERRUPTED_EXIT if summary["interrupted"] else 0
+        return None
     if summary["interrupted"]:
-        print(f"stopped after {summary['epochs']} complete epoch(s); resume with: hymamba train --resume "
+        print(f"stopped after {summary['epochs']} complete epoch(s); resume with: hymamba {command} --resume "
               f"{summary['output']}", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        return None
+    return summary
+
+
+def training_exit(args: argparse.Namespace) -> int:
+    """The exit status of a run that :func:`run_training` did not report as finished."""
+    from hymamba.engine import INTERRUPTED_EXIT
+
+    return INTERRUPTED_EXIT if getattr(args, "_interrupted", False) else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from hymamba.tasks.classification import ClassificationConfig, config_for_resume, train
+
+    summary = run_training(args, ClassificationConfig, config_for_resume, train, "train")
+    if summary is None:
+        return training_exit(args)
     print(f"done: val top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
           f"{summary['best_epoch']}) after {summary['epochs']} epochs in {summary['wall_seconds']:.0f} s; "
           f"{summary['skipped_images']} unreadable image(s) skipped; weights: {summary['output']}/model.safetensors")

@@ -88,6 +88,7 @@ class SegmentationConfig(EngineConfig):
     weight_decay: float = option(0.01, "weight decay (not on biases, norms; official: 0.01)")
     clip_grad: Optional[float] = option(None, "gradient clipping threshold (null: off, as official)")
     model_ema: bool = option(False, "keep an exponential moving average of the weights (official: off)")
+    eval_first: bool = option(True, "evaluate once before training (the mIoU 'before')")
 
     def resolved_eval_size(self) -> int:
         return self.crop_size if self.eval_size is None else self.eval_size

@@ -4,7 +4,6 @@ ADE20K, an image/mask folder or the built-in digit scenes."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -14,15 +13,13 @@ from torch import nn
 from hymamba.data.datasets import warn_unreadable
 from hymamba.data.samplers import ShardSampler
 from hymamba.data.seg_transforms import ADE_MEAN, ADE_STD, SegEvalTransform, SegTrainTransform, collate_segmentation
-from hymamba.data.segmentation import ADE20KDataset, DigitScenes, MaskFolderDataset
+from hymamba.data.segmentation import open_split, spread_subset
 from hymamba.engine.task import Task
 from hymamba.errors import DataError
 from hymamba.factory import create_backbone, resolve_model_name
 from hymamba.models.upernet import build_segmenter
-from hymamba.tasks.segmentation.config import DIGIT_SCENES, SegmentationConfig
-from hymamba.tasks.segmentation.inference import slide_inference, whole_inference
-from hymamba.tasks.segmentation.metrics import ConfusionMatrix
-from hymamba.utils.amp import autocast
+from hymamba.tasks.segmentation.config import SegmentationConfig
+from hymamba.tasks.segmentation.evaluation import Inference, evaluate_segmenter
 from hymamba.utils.distributed import Dist
 
 __all__ = ["DIGIT_SCENE_CLASSES", "SegmentationTask", "default_palette"]
@@ -47,16 +44,6 @@ def default_palette(n: int) -> List[List[int]]:
             c >>= 3
         out.append([r, g, b])
     return out
-
-
-def _subset(dataset: Any, limit: Optional[int]) -> Any:
-    """``limit`` samples spread evenly over ``dataset`` (all of it when None or larger)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    import numpy as np
-
-    keep = np.linspace(0, len(dataset) - 1, limit).round().astype(int).tolist()
-    return torch.utils.data.Subset(dataset, keep)
 
 
 class SegmentationTask(Task):
@@ -86,54 +73,39 @@ class SegmentationTask(Task):
                                      std=self.std, ignore_index=cfg.ignore_index)
         size = cfg.resolved_eval_size()
         val_tf = SegEvalTransform(scale=(4 * size, size) if size else None, mean=self.mean, std=self.std)
+        train_ds, self.data_kind, self.reduce_zero = open_split(
+            cfg.data, cfg.train_split, "train", reduce_zero=cfg.reduce_zero_label, transform=train_tf,
+            substitute_bad=True, seed=cfg.seed, scene_size=cfg.scene_size)
+        val_ds, _, _ = open_split(cfg.data, cfg.val_split, "val", reduce_zero=self.reduce_zero, transform=val_tf,
+                                  scene_size=cfg.scene_size)
         classes: Optional[List[str]]
-        if cfg.data == DIGIT_SCENES:
-            self.data_kind, self.reduce_zero = "digitscenes", False
-            train_ds: Any = DigitScenes("train", cfg.scene_size, transform=train_tf, seed=cfg.seed)
-            val_ds: Any = DigitScenes("val", cfg.scene_size, transform=val_tf)
+        if self.data_kind == "digitscenes":
             classes = list(DIGIT_SCENE_CLASSES)
             self.workers = 0 if cfg.workers is None else cfg.workers
         else:
-            root = Path(cfg.data).expanduser()
-            if not root.is_dir():
-                raise DataError(f"data folder not found: {root}. Expected 'digitscenes', an ADE20K root "
-                                "(images/ and annotations/) or a folder with train/ and val/ holding images/ + masks/")
-            if (root / "images").is_dir() and (root / "annotations").is_dir():
-                self.data_kind = "ade20k"
-                self.reduce_zero = True if cfg.reduce_zero_label is None else cfg.reduce_zero_label
-                train_ds = ADE20KDataset(root, cfg.train_split or "training", self.reduce_zero, train_tf,
-                                         substitute_bad=True, seed=cfg.seed)
-                val_ds = ADE20KDataset(root, cfg.val_split or "validation", self.reduce_zero, val_tf)
-                default_n = 150
-            else:
-                self.data_kind = "mask folder"
-                self.reduce_zero = bool(cfg.reduce_zero_label)
-                train_ds = MaskFolderDataset(root / (cfg.train_split or "train"), self.reduce_zero, train_tf,
-                                             substitute_bad=True, seed=cfg.seed)
-                val_ds = MaskFolderDataset(root / (cfg.val_split or "val"), self.reduce_zero, val_tf)
-                default_n = None
             classes = train_ds.classes or (list(val_ds.classes) if val_ds.classes else None)
-            n = cfg.num_classes or (len(classes) if classes else default_n)
+            n = cfg.num_classes or (len(classes) if classes else 150 if self.data_kind == "ade20k" else None)
             if n is None:
-                raise DataError(f"{root}: the number of classes is unknown; set num_classes or add a classes.txt "
-                                "(one name per line) to the split folders")
+                raise DataError(f"{cfg.data}: the number of classes is unknown; set num_classes or add a classes.txt "
+                                "(one name per line) to the data folder")
             if classes is None or len(classes) != n:
                 classes = [f"class {k}" for k in range(n)]
             self.workers = min(8, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
         if cfg.num_classes is not None and cfg.num_classes != len(classes):
-            if cfg.data == DIGIT_SCENES:
+            if self.data_kind == "digitscenes":
                 raise DataError(f"DigitScenes has {len(classes)} classes, but num_classes is {cfg.num_classes}; "
                                 "drop num_classes")
             classes = [f"class {k}" for k in range(cfg.num_classes)]
         self.class_names: List[str] = classes
         self.palette = default_palette(len(classes))
         self.base_train = train_ds
-        self.train_ds = _subset(train_ds, cfg.max_train_samples)
-        self.val_ds = _subset(val_ds, cfg.max_val_samples)
+        self.train_ds = spread_subset(train_ds, cfg.max_train_samples)
+        self.val_ds = spread_subset(val_ds, cfg.max_val_samples)
         if resume is not None and resume.get("class_names") != self.class_names:
             raise DataError(f"the run being resumed was trained on classes {list(resume.get('class_names') or [])[:10]}, "
                             f"but the data has {self.class_names[:10]}; resume with the same data")
-        val_batch = cfg.val_batch_size or (2 * cfg.batch_size if self.data_kind == "digitscenes" else 1)
+        # images of one size (the scenes) batch; folders are scored one image at a time (evaluation.py)
+        val_batch = (cfg.val_batch_size or 2 * cfg.batch_size) if self.data_kind == "digitscenes" else 1
         self.val_loader = torch.utils.data.DataLoader(
             self.val_ds, batch_size=val_batch, sampler=ShardSampler(len(self.val_ds), dist.world_size, dist.rank),
             num_workers=self.workers, collate_fn=self.collate, pin_memory=dist.device.type == "cuda")
@@ -198,39 +170,19 @@ class SegmentationTask(Task):
         losses["loss"] = torch.nan_to_num(loss, nan=0.0) if bool((y != self.config.ignore_index).sum() == 0) else loss
         return losses
 
-    @torch.no_grad()
-    def predict_logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Logits at ``x``'s size by the configured inference (whole image or sliding window)."""
+    def inference(self) -> Inference:
+        """The configured test-time inference (whole image or sliding window)."""
         cfg = self.config
-        if cfg.eval_mode == "slide":
-            stride = cfg.eval_stride or max(1, (2 * cfg.crop_size) // 3)
-            return slide_inference(model, x, cfg.crop_size, stride, len(self.class_names))
-        return whole_inference(model, x)
+        stride = cfg.eval_stride or max(1, (2 * cfg.crop_size) // 3)
+        return Inference(cfg.eval_mode, (cfg.crop_size, cfg.crop_size), (stride, stride))
 
     def evaluate(self, model: nn.Module, amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
-        device = self.dist.device
-        cm = ConfusionMatrix(len(self.class_names), self.config.ignore_index)
-        loss_sum, pixels, images = 0.0, 0, 0
-        for x, y, bad in self.val_loader:
-            warn_unreadable(bad, self.skipped)
-            if x.numel() == 0:
-                continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if self.config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                logits = self.predict_logits(model, x)
-            logits = logits.float()
-            cm.update(logits.argmax(1), y)
-            loss_sum += float(self._ce(logits, y, reduction="sum"))
-            pixels += int((y != self.config.ignore_index).sum())
-            images += x.shape[0]
-        cm.reduce(self.dist)
-        loss_sum, pixels, images = self.dist.all_reduce_sum([loss_sum, pixels, images])
-        res = cm.compute()
+        res = evaluate_segmenter(model, self.val_loader, len(self.class_names), inference=self.inference(),
+                                 ignore_index=self.config.ignore_index, device=self.dist.device, amp_dtype=amp_dtype,
+                                 dist=self.dist, skipped=self.skipped, channels_last=self.config.channels_last)
         self.last_iou = res["IoU"]
-        return {"mIoU": res["mIoU"], "aAcc": res["aAcc"], "mAcc": res["mAcc"],
-                "loss": loss_sum / max(pixels, 1), "val_images": int(images)}
+        return {"mIoU": res["mIoU"], "aAcc": res["aAcc"], "mAcc": res["mAcc"], "loss": res["loss"],
+                "val_images": res["images"]}
 
     def end_epoch(self) -> None:
         if self.dist.enabled:
@@ -267,7 +219,7 @@ class SegmentationTask(Task):
                 "window_size": list(cfg.window_size) if cfg.window_size is not None else None}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"class_names": self.class_names, "palette": self.palette, "segmenter": self.segmenter_settings(),
+        return {"class_names": self.class_names, "palette": self.palette, "segmentation": self.export_metadata(),
                 "skipped": sorted(self.skipped)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -283,6 +235,7 @@ class SegmentationTask(Task):
             "eval_mode": cfg.eval_mode, "eval_scale": [4 * size, size] if size else None,
             "eval_stride": cfg.eval_stride or max(1, (2 * cfg.crop_size) // 3),
             "reduce_zero_label": self.reduce_zero, "ignore_index": cfg.ignore_index,
+            "data": self.data_kind, "scene_size": cfg.scene_size if self.data_kind == "digitscenes" else None,
         }
 
     def summary(self) -> Dict[str, Any]:
