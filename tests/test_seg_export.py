@@ -1,11 +1,8 @@
 """ONNX export of a UPerNet segmenter (output (N, C, H, W)), run in ONNX Runtime against PyTorch.
 
-Found while writing this: ``export_onnx`` (the TorchScript exporter) cannot export the UPerNet as it
-is: the PPM's ``nn.AdaptiveAvgPool2d`` needs a known input size, and the exporter loses the spatial
-shape inside the backbone ("adaptive_avg_pool2d, input size not accessible"), with or without the
-dynamic batch axis. The tests therefore swap each ``AdaptiveAvgPool2d`` for :class:`SlicedAdaptivePool`
-(the same bins as PyTorch's adaptive pooling, as slices and means at the traced size, so the numbers
-are identical) before exporting, and one test pins the failure so that a fix in src shows up.
+The PPM's adaptive pooling exports through :class:`hymamba.models.upernet.AdaptiveAvgPool` (the same
+bins as PyTorch's, as slices and means at the traced size); it is checked here against PyTorch's own
+kernel at sizes where the bins overlap.
 """
 from __future__ import annotations
 
@@ -19,33 +16,6 @@ import torch
 import hymamba
 from hymamba.apps.export import check_onnx, export_onnx
 from hymamba.models.upernet import build_segmenter
-
-
-class SlicedAdaptivePool(torch.nn.Module):
-    """``AdaptiveAvgPool2d(size)`` as explicit bins (start floor(i*H/s), end ceil((i+1)*H/s)):
-    traces to Slice + ReduceMean at a fixed input size."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = int(size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w, s = int(x.shape[-2]), int(x.shape[-1]), self.size
-
-        def bins(n: int) -> list:
-            return [((i * n) // s, -((-(i + 1) * n) // s)) for i in range(s)]
-
-        rows = [torch.cat([x[..., r0:r1, c0:c1].mean(dim=(-2, -1), keepdim=True) for c0, c1 in bins(w)], dim=-1)
-                for r0, r1 in bins(h)]
-        return torch.cat(rows, dim=-2)
-
-
-def _exportable(model: torch.nn.Module) -> torch.nn.Module:
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.AdaptiveAvgPool2d):
-                setattr(module, name, SlicedAdaptivePool(child.output_size))
-    return model
 
 
 def _tiny_segmenter() -> torch.nn.Module:
@@ -68,14 +38,10 @@ def _tiny_segmenter() -> torch.nn.Module:
 def test_segmenter_onnx_parity(tmp_path: Path, size: tuple[int, int]) -> None:
     model = _tiny_segmenter()
     x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        stock = model(x)
-    model = _exportable(model)
     path = export_onnx(model, tmp_path / "seg.onnx", image_size=size)
     assert not model.training
     with torch.no_grad():
         ref = model(x)
-    torch.testing.assert_close(ref, stock, rtol=0, atol=1e-6)  # the swap changes nothing
     assert ref.shape == (2, 5, *size)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits"]
@@ -90,13 +56,20 @@ def test_segmenter_onnx_parity(tmp_path: Path, size: tuple[int, int]) -> None:
     assert check_onnx(model, path, x) < 1e-4
 
 
-def test_stock_segmenter_export_fails_on_adaptive_pool(tmp_path: Path) -> None:
-    """Pins the limitation above; when export_onnx handles the PPM, drop the swap and this test."""
-    with pytest.raises(Exception, match="adaptive_avg_pool2d"):
-        export_onnx(_tiny_segmenter(), tmp_path / "seg.onnx", image_size=(64, 96))
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("size, scale", [((2, 3), 6), ((7, 5), 3), ((6, 6), 2), ((4, 9), 1), ((3, 3), 6)])
+def test_traced_adaptive_pool_has_pytorchs_bins(size: tuple, scale: int) -> None:
+    from hymamba.models.upernet import AdaptiveAvgPool
+
+    pool = AdaptiveAvgPool(scale)
+    x = torch.randn(2, 4, *size, dtype=torch.float64)
+    traced = torch.jit.trace(pool, (x,), check_trace=False)
+    assert "adaptive_avg_pool2d" not in str(traced.graph)  # the explicit bins were traced
+    torch.testing.assert_close(traced(x), torch.nn.functional.adaptive_avg_pool2d(x, scale), rtol=0, atol=1e-12)
+    torch.testing.assert_close(pool(x), torch.nn.functional.adaptive_avg_pool2d(x, scale), rtol=0, atol=0)
 
 
 def test_segmenter_export_restores_training_mode(tmp_path: Path) -> None:
-    model = _exportable(_tiny_segmenter()).train()
+    model = _tiny_segmenter().train()
     export_onnx(model, tmp_path / "seg.onnx", image_size=(64, 64))
     assert model.training

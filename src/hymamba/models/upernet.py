@@ -29,7 +29,7 @@ from torch import nn
 
 from hymamba.errors import ConfigError
 
-__all__ = ["PPM", "ConvModule", "FCNHead", "Segmenter", "UPerHead", "build_segmenter"]
+__all__ = ["PPM", "AdaptiveAvgPool", "ConvModule", "FCNHead", "Segmenter", "UPerHead", "build_segmenter"]
 
 #: mmseg's SyncBN defaults (BatchNorm's): what the official configs use
 BN_EPS = 1e-5
@@ -75,12 +75,37 @@ class _DecodeHead(nn.Module):
         return self.conv_seg(self.dropout(feats))
 
 
+class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(size)`` that also exports to ONNX.
+
+    The ONNX exporter cannot export adaptive pooling to a size that does not divide the input (it
+    loses the spatial shape inside the backbone: "adaptive_avg_pool2d, input size not accessible").
+    While tracing, this computes PyTorch's own bins explicitly - bin ``i`` of ``n`` cells into ``s``
+    spans ``floor(i * n / s)`` to ``ceil((i + 1) * n / s)`` - as slices and means, fixed at the traced
+    size (the exported graph then serves that input size). Eager mode runs PyTorch's kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return super().forward(x)
+        size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size, self.output_size)
+        (sh, sw), h, w = size, int(x.shape[-2]), int(x.shape[-1])
+        sh, sw = sh or h, sw or w
+
+        def bins(n: int, s: int) -> List[tuple]:
+            return [((i * n) // s, -((-(i + 1) * n) // s)) for i in range(s)]
+
+        rows = [torch.cat([x[..., r0:r1, c0:c1].mean(dim=(-2, -1), keepdim=True) for c0, c1 in bins(w, sw)], dim=-1)
+                for r0, r1 in bins(h, sh)]
+        return torch.cat(rows, dim=-2)
+
+
 class PPM(nn.ModuleList):
-    """Pyramid pooling: per scale ``(AdaptiveAvgPool2d(scale), ConvModule 1x1)``, resized back."""
+    """Pyramid pooling: per scale ``(AdaptiveAvgPool(scale), ConvModule 1x1)``, resized back."""
 
     def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, align_corners: bool) -> None:
         super().__init__(
-            nn.Sequential(nn.AdaptiveAvgPool2d(int(s)), ConvModule(in_channels, channels, 1)) for s in pool_scales)
+            nn.Sequential(AdaptiveAvgPool(int(s)), ConvModule(in_channels, channels, 1)) for s in pool_scales)
         self.align_corners = align_corners
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:  # type: ignore[override]
