@@ -123,6 +123,20 @@ def test_predict_writes_palette_masks_and_overlays(run_dir: Path, tmp_path: Path
     assert not list((tmp_path / "none").glob("*.png"))
 
 
+def test_export_runs_in_onnx_runtime(run_dir: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    out = tmp_path / "seg.onnx"
+    proc = run_cli("segment", "export", str(run_dir), "--output", str(out), "--size", "64", "96")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max |difference|" in proc.stdout
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["class_names"][0] == "background" and len(info["palette"]) == 11 and info["input"] == [None, 3, 64, 96]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"pixel_values": np.zeros((3, 3, 64, 96), dtype=np.float32)})
+    assert logits.shape == (3, 11, 64, 96)
+
+
 def _ade_layout(root: Path, train: int = 8, val: int = 4) -> Path:
     """An ADE20K-layout folder (images/ + annotations/, training/ + validation/, .jpg + .png) holding
     real scenes; annotations are 1 + the scene's class (0 = "other", ignored under reduce_zero_label)."""
@@ -227,6 +241,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got, want = _rows(out / "metrics.csv"), _rows(ref / "metrics.csv")
     assert len(got) == len(want) == 3
+    # the official poly schedule (power 1): linear from the peak (1e-3) to 0 at the last step
+    assert [float(r["lr"]) for r in want] == pytest.approx([1e-3 * 2 / 3, 1e-3 / 3, 0.0], abs=1e-9)
     for g, w in zip(got, want):
         for key in ("train_loss", "loss", "mIoU", "aAcc", "lr"):
             assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-4, abs=1e-5), (key, g, w)

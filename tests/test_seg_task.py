@@ -85,3 +85,24 @@ def test_defaults_are_the_official_recipe_shape() -> None:
     assert (cfg.data, cfg.opt, cfg.sched, cfg.weight_decay, cfg.aux_weight) == ("digitscenes", "adamw", "poly",
                                                                                 0.01, 0.4)
     assert not cfg.model_ema and cfg.clip_grad is None and cfg.eval_mode == "whole"
+
+
+@pytest.mark.parametrize("variant", ["t", "s", "b"])
+def test_ade20k_recipes_match_the_official_segmenters(variant: str) -> None:
+    """configs/upernet_mambavision_*_ade20k.yaml build the official segmenter's layout and schedule."""
+    from pathlib import Path
+
+    from hymamba.models.segmenters import SEGMENTERS
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"upernet_mambavision_{variant}_ade20k.yaml"
+    cfg = build_config(str(path), {"data": "/data/ADEChallengeData2016", "pretrained": False})
+    cfg.check()
+    spec = SEGMENTERS[f"upernet_mambavision_{variant}"]
+    assert cfg.backbone == spec.backbone and tuple(cfg.window_size) == spec.window_size
+    assert (cfg.head_channels, cfg.aux_channels, cfg.dropout) == (spec.channels, spec.aux_channels, spec.dropout_ratio)
+    assert (cfg.crop_size, cfg.crop_size) == spec.crop_size and cfg.eval_size == 512 and cfg.eval_mode == "whole"
+    assert (cfg.opt, cfg.sched, cfg.poly_power, cfg.weight_decay, cfg.flip_prob) == ("adamw", "poly", 1.0, 0.01, 0.5)
+    # 160k iterations of 16 images over ADE20K's 20,210 training images; 1,500 warm-up iterations
+    assert cfg.epochs == round(160_000 * 16 / 20_210) and cfg.warmup_epochs == pytest.approx(1500 * 16 / 20_210,
+                                                                                            abs=0.01)
+    assert cfg.batch_size * 8 == 16 and cfg.lr == {"t": 5e-5, "s": 6e-5, "b": 5e-5}[variant]

@@ -5,6 +5,7 @@ Public API::
     create_model(name, pretrained=False, checkpoint_path=None, **kwargs)
     create_backbone(name, out_indices=(0, 1, 2, 3), checkpoint_path=None, ...)  # dense backbone
     create_segmenter(name, num_classes=150, checkpoint_path=None, ...)  # UPerNet segmenter
+    load_trained_segmenter(path, name=None)  # a trained segmenter (a run folder or an official file)
     list_models(pattern="*")
     load_checkpoint(model, path, strict=True, use_ema=False)
     MambaVision(...)                       # the official constructor
@@ -40,6 +41,7 @@ _API = {
     "create_segmenter": "hymamba.factory",
     "list_models": "hymamba.factory",
     "load_checkpoint": "hymamba.factory",
+    "load_trained_segmenter": "hymamba.factory",
     "resolve_model_name": "hymamba.factory",
     "optimize_for_inference": "hymamba.models.fuse",
     "last_scan_impl": "hymamba.ops.dispatch",

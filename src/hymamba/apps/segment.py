@@ -30,7 +30,7 @@ from hymamba.utils.amp import amp_dtype as resolve_amp_dtype
 from hymamba.utils.amp import autocast, resolve_device
 from hymamba.utils.io import atomic_write
 
-__all__ = ["SegmentationSettings", "evaluate", "palette_for", "predict", "settings_from"]
+__all__ = ["SegmentationSettings", "evaluate", "export", "palette_for", "predict", "settings_from"]
 
 logger = logging.getLogger("hymamba")
 
@@ -272,3 +272,36 @@ def predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
         pending.append((len(results) - 1, image, x, name))
     flush()
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, model_name: Optional[str] = None,
+           size: Optional[Tuple[int, int]] = None, opset: int = 17, check: bool = True,
+           scan_impl: str = "auto") -> Dict[str, Any]:
+    """The segmenter as an ONNX file (input ``pixel_values`` (N, 3, H, W), normalised; output
+    ``logits`` (N, C, H, W)), with ``OUTPUT.json`` beside it (classes, palette, mean/std, size), and
+    with ``check`` the max |ONNX Runtime - PyTorch| on a random batch of 2.
+
+    ``size`` (H, W) defaults to the training crop (official: 512 x 512); the batch is dynamic.
+    """
+    from hymamba.apps.export import check_onnx, export_onnx
+    from hymamba.utils.io import write_json_atomic
+
+    model, meta, _ = _load(checkpoint, model_name, False, "cpu", scan_impl)
+    st = settings_from(meta, model_name)
+    h, w = size if size is not None else st.inference.crop_size
+    path = export_onnx(model, output, image_size=(int(h), int(w)), opset=opset)
+    n = model.num_classes
+    info: Dict[str, Any] = {
+        "onnx": str(path), "input": [None, 3, int(h), int(w)], "output": [None, n, int(h), int(w)],
+        "class_names": model.class_names or [f"class {k}" for k in range(n)], "palette": palette_for(model, n),
+        "mean": list(st.mean), "std": list(st.std), "model": meta.get("model") or model_name,
+    }
+    write_json_atomic(Path(path).with_suffix(".json"), info)
+    if check:
+        torch.manual_seed(0)
+        info["max_abs_diff"] = check_onnx(model, path, torch.randn(2, 3, int(h), int(w)))
+    return info

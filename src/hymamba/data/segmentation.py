@@ -227,6 +227,9 @@ class DigitScenes(Dataset):
 
     num_classes = 11
     classes = ["background"] + [f"digit {d}" for d in range(10)]
+    #: digits pasted per scene (inclusive range) and their side as a fraction of the scene's
+    digits_per_scene = (2, 5)
+    digit_scale = (0.2, 0.45)
 
     def __init__(self, split: str = "train", size: int = 128, n: Optional[int] = None,
                  transform: Optional[Callable] = None, seed: int = 0) -> None:
@@ -271,9 +274,9 @@ class DigitScenes(Dataset):
         mask = np.zeros((self.size, self.size), dtype=np.int64)
         taken = np.zeros_like(mask, dtype=bool)
         placed = []
-        for _ in range(int(rng.integers(2, 6))):
+        for _ in range(int(rng.integers(self.digits_per_scene[0], self.digits_per_scene[1] + 1))):
             k = int(rng.integers(len(self.digits)))
-            side = int(rng.integers(round(0.2 * self.size), round(0.45 * self.size) + 1))
+            side = int(rng.integers(round(self.digit_scale[0] * self.size), round(self.digit_scale[1] * self.size) + 1))
             for _ in range(30):
                 top, left = (int(v) for v in rng.integers(0, self.size - side + 1, size=2))
                 if not taken[max(top - 1, 0):top + side + 1, max(left - 1, 0):left + side + 1].any():

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from hymamba.cli.commands._common import non_negative_int, positive_int, report_unreadable
 
@@ -18,7 +19,7 @@ HELP = "semantic segmentation: train, eval, predict (UPerNet on MambaVision; 'hy
 PARSER_KWARGS = dict(description="Semantic segmentation with the official UPerNet recipe. Data: 'digitscenes' "
                                  "(built-in), an ADE20K root (images/ + annotations/, mmseg layout) or a folder "
                                  "with train/ and val/ each holding images/ + masks/ (index PNGs).")
-ACTIONS = ("train", "eval", "predict")
+ACTIONS = ("train", "eval", "predict", "export")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Segment image files and folders (recursively); writes OUT/<name>.png (class "
                                    "indices, palette PNG at the image's size) and OUT/<name>_overlay.png.")
     _predict_arguments(r)
+    x = sub.add_parser("export", help="the segmenter as an ONNX file, checked in ONNX Runtime",
+                       description="Export to ONNX (input pixel_values (N, 3, H, W), normalised; output logits "
+                                   "(N, C, H, W)); writes OUTPUT.json beside it with classes, palette and mean/std.")
+    x.add_argument("checkpoint", metavar="WEIGHTS", help="a run folder or weights file, or an official .pth "
+                                                          "(with --model)")
+    x.add_argument("--model", default=None, help="the segmenter of a file without hymamba metadata")
+    x.add_argument("--output", required=True, metavar="FILE.onnx", help="the .onnx file to write")
+    x.add_argument("--size", type=positive_int, nargs="+", default=None, metavar="N",
+                   help="input H [W] (default: the training crop; official 512)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    x.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,7 +112,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"train": _train, "eval": _eval, "predict": _predict}[args.action](args)
+    return {"train": _train, "eval": _eval, "predict": _predict, "export": _export}[args.action](args)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -178,4 +190,22 @@ def _predict(args: argparse.Namespace) -> int:
             top = ", ".join(f"{name} {100 * f:.1f}%" for name, f in list(r["classes"].items())[:4])
             print(f"{r['image']} -> {r['mask']}: {top}")
     print(f"{len(results) - failed} image(s) segmented into {args.out}, {failed} unreadable skipped")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hymamba.apps.segment import export
+    from hymamba.cli.commands._common import image_size
+    from hymamba.errors import HymambaError
+
+    size = tuple(image_size(args.size, [0, 0])) if args.size else None
+    info = export(args.checkpoint, args.output, model_name=args.model, size=size, opset=args.opset,
+                  check=args.check)
+    h, w = info["input"][2:]
+    print(f"wrote {info['onnx']}: input pixel_values (N, 3, {h}, {w}), output logits (N, {info['output'][1]}, {h}, "
+          f"{w}); N is dynamic; classes, palette and mean/std in {Path(info['onnx']).with_suffix('.json')}")
+    if args.check:
+        print(f"ONNX Runtime vs PyTorch on a random batch of 2: max |difference| {info['max_abs_diff']:.2e}")
+        if not info["max_abs_diff"] <= 1e-3:
+            raise HymambaError(f"the exported model disagrees with PyTorch (max difference {info['max_abs_diff']:.2e})")
     return 0

@@ -62,6 +62,8 @@ class SegmentationConfig(EngineConfig):
     window_size: Optional[Tuple[int, int, int, int]] = option(None, "attention windows per level (default: the "
                                                                      "variant's)")
     scan_impl: str = option("auto", "selective-scan implementation")
+    sync_bn: bool = option(True, "synchronise the heads' BatchNorm over processes on CUDA (official: SyncBN; "
+                                 "CPU/gloo runs keep per-process statistics, averaged at each epoch's end)")
 
     # augmentation (mmseg's ADE20K pipeline, sized to CROP_SIZE) and evaluation
     crop_size: int = option(64, "training crop side (official: 512)")

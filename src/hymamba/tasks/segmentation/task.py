@@ -138,6 +138,8 @@ class SegmentationTask(Task):
                                 aux_channels=cfg.aux_channels or None, pool_scales=POOL_SCALES, aux_index=AUX_INDEX,
                                 dropout_ratio=cfg.dropout)
         model.class_names, model.palette = list(self.class_names), [list(c) for c in self.palette]
+        if cfg.sync_bn and self.dist.world_size > 1 and self.dist.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps names: checkpoints are unchanged
         self.init_note = ("official ImageNet backbone" if cfg.pretrained else
                           f"backbone from {cfg.backbone_checkpoint}" if cfg.backbone_checkpoint else
                           "random initialisation")
