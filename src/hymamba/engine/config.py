@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
 from hymamba.errors import ConfigError
+from hymamba.utils.choices import AMP_DTYPES, DEVICES
 
 __all__ = ["AMP_DTYPES", "SCHEDULES", "Config", "EngineConfig", "need", "option", "resume_config"]
 
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "wsd", "rsqrt")
-AMP_DTYPES = ("auto", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp",)
 
 C = TypeVar("C", bound="Config")

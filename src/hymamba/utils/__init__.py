@@ -1,2 +1,3 @@
 """Small shared helpers: atomic file writing (``io``), process groups (``distributed``), and the one
-rule for the device and the mixed-precision dtype (``amp``)."""
+rule for the device and the mixed-precision dtype (``amp``; its accepted values, torch-free, in
+``choices``)."""

@@ -13,11 +13,9 @@ from typing import Optional
 import torch
 
 from hymamba.errors import ConfigError
+from hymamba.utils.choices import AMP_DTYPES, DEVICES
 
 __all__ = ["AMP_DTYPES", "DEVICES", "amp_dtype", "autocast", "resolve_device"]
-
-DEVICES = ("auto", "cpu", "cuda")
-AMP_DTYPES = ("auto", "bfloat16", "float16")
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
