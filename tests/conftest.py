@@ -50,3 +50,19 @@ def load_case(name: str) -> Dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def tiny_case_backbone(fixtures, monkeypatch):
+    """The recorded official dense case (``upernet_tiny_a``): its backbone registered as the variant
+    ``_tiny_case`` for the length of a test. Returns the case's spec (its JSON)."""
+    import json
+
+    from hymamba.models.variants import VARIANTS, Variant
+
+    spec = json.loads((fixtures / "upernet_tiny_a.json").read_text())
+    bb = {k: v for k, v in spec["backbone"].items() if k not in ("note", "out_indices")}
+    bb["window_size"] = tuple(bb["window_size"])
+    monkeypatch.setitem(VARIANTS, "_tiny_case", Variant("_tiny_case", bb,
+                                                        dict(VARIANTS["test_mambavision"].pretrained_cfg)))
+    return spec

@@ -183,18 +183,13 @@ def test_ade20k_layout_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def official_tiny(fixtures: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def official_tiny(fixtures: Path, tiny_case_backbone: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The recorded official case, registered as a named segmenter for the length of a test."""
     from hymamba.models.segmenters import SEGMENTERS, SegmenterVariant
-    from hymamba.models.variants import VARIANTS, Variant
 
-    spec = json.loads((fixtures / "upernet_tiny_a.json").read_text())
-    bb = {k: v for k, v in spec["backbone"].items() if k not in ("note", "out_indices")}
-    bb["window_size"] = tuple(bb["window_size"])
-    monkeypatch.setitem(VARIANTS, "_tiny_case", Variant("_tiny_case", bb, dict(VARIANTS["test_mambavision"]
-                                                                                .pretrained_cfg)))
+    spec = tiny_case_backbone
     monkeypatch.setitem(SEGMENTERS, "upernet_tiny_case", SegmenterVariant(
-        "upernet_tiny_case", "_tiny_case", bb["window_size"], 0.0, crop_size=(64, 64),
+        "upernet_tiny_case", "_tiny_case", tuple(spec["backbone"]["window_size"]), 0.0, crop_size=(64, 64),
         channels=spec["decode_head"]["channels"], aux_channels=spec["auxiliary_head"]["channels"]))
     return fixtures / "upernet_tiny_a.pth"
 

@@ -5,6 +5,7 @@ Public API::
     create_model(name, pretrained=False, checkpoint_path=None, **kwargs)
     create_backbone(name, out_indices=(0, 1, 2, 3), checkpoint_path=None, ...)  # dense backbone
     create_segmenter(name, num_classes=150, checkpoint_path=None, ...)  # UPerNet segmenter
+    create_detector(name, num_classes=None, checkpoint_path=None, backbone_checkpoint=None, ...)  # Mask/Faster R-CNN
     load_trained_segmenter(path, name=None)  # a trained segmenter (a run folder or an official file)
     list_models(pattern="*")
     load_checkpoint(model, path, strict=True, use_ema=False)
@@ -37,6 +38,7 @@ _API = {
     "HymambaError": "hymamba.errors",
     "MambaVision": "hymamba.models.mambavision",
     "create_backbone": "hymamba.factory",
+    "create_detector": "hymamba.factory",
     "create_model": "hymamba.factory",
     "create_segmenter": "hymamba.factory",
     "list_models": "hymamba.factory",

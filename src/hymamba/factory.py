@@ -9,6 +9,8 @@
 - :func:`create_segmenter`: an official UPerNet segmenter (ADE20K configs), with official weights;
 - :func:`load_trained_segmenter`: a segmenter with trained weights (a run of ``hymamba segment train``
   or an official checkpoint), for evaluation and prediction;
+- :func:`create_detector`: a torchvision Mask / Faster R-CNN on the dense backbone (COCO settings),
+  with backbone weights (ImageNet, official dense) or our own whole-detector weights;
 - the timm registration: every variant is a timm model (``timm.create_model("mambavision_t")``),
   whose entrypoint is :func:`create_model`, so ``pretrained=True``/``checkpoint_path=`` work there too.
 
@@ -35,6 +37,7 @@ from hymamba.errors import CheckpointError, ConfigError, WeightsNotFound
 from hymamba.models.backbone import OFFICIAL_DENSE_DROP_PATH, MambaVisionBackbone
 from hymamba.models.mambavision import MambaVision
 from hymamba.models.options import options_from
+from hymamba.models.detectors import DETECTORS
 from hymamba.models.segmenters import SEGMENTERS
 from hymamba.models.upernet import Segmenter, build_segmenter
 from hymamba.models.variants import VARIANTS
@@ -42,7 +45,8 @@ from hymamba.weights.io import checkpoint_dir
 from hymamba.weights.load import LoadReport, load_state_dict
 from hymamba.weights.metadata import Checkpoint, read_checkpoint
 
-__all__ = ["ALIASES", "create_backbone", "create_model", "create_segmenter", "detect_variant", "list_models", "load_backbone_weights",
+__all__ = ["ALIASES", "create_backbone", "create_detector", "create_model", "create_segmenter", "detect_variant",
+           "list_models", "load_backbone_weights",
            "load_checkpoint", "load_trained_model", "load_trained_segmenter", "official_weights_path",
            "resolve_model_name"]
 
@@ -426,6 +430,83 @@ def load_trained_segmenter(checkpoint: PathLike, name: Optional[str] = None, *, 
     model.palette = ([[int(v) for v in c] for c in palette]
                      if palette is not None and len(palette) == num_classes else None)
     return model.eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------
+# the detectors (torchvision Mask / Faster R-CNN)
+
+#: where our own detectors keep the backbone (MambaVisionFPN.body inside torchvision's ``backbone``)
+_DETECTOR_BODY = "backbone.body."
+
+
+def _as_checkpoint(path: Union[PathLike, Checkpoint]) -> Checkpoint:
+    return path if isinstance(path, Checkpoint) else read_checkpoint(path)
+
+
+def _load_detector_backbone(backbone: MambaVisionBackbone, ckpt: Checkpoint) -> LoadReport:
+    """:func:`load_backbone_weights`, also from one of our detectors (its ``backbone.body.*``)."""
+    sd = ckpt.state_dict
+    if not any(k.startswith(_DETECTOR_BODY) for k in sd):
+        return load_backbone_weights(backbone, ckpt)
+    body = {DENSE_PREFIX + k[len(_DETECTOR_BODY):]: v for k, v in sd.items() if k.startswith(_DETECTOR_BODY)}
+    report = load_backbone_weights(backbone, Checkpoint(path=ckpt.path, state_dict=body, meta=ckpt.meta))
+    report.unexpected = ([_DETECTOR_BODY + k[len(DENSE_PREFIX):] for k in report.unexpected]
+                         + [k for k in sd if not k.startswith(_DETECTOR_BODY)])
+    return report
+
+
+def create_detector(name: str, num_classes: Optional[int] = None,
+                    checkpoint_path: Union[PathLike, Checkpoint, None] = None,
+                    backbone_checkpoint: Union[PathLike, Checkpoint, None] = None, **overrides: Any) -> nn.Module:
+    """A torchvision Mask R-CNN or Faster R-CNN on MambaVision (:mod:`hymamba.models.detection`), with weights.
+
+    Args:
+        name: ``{maskrcnn,fasterrcnn}_mambavision_{t,s,b}``
+            (:data:`~hymamba.models.detectors.DETECTORS`); the backbone defaults are the official COCO
+            configs' (windows (8, 8, 112, 56), configured drop path, layer scale).
+        num_classes: classes including the background (torchvision's convention). Default: the
+            checkpoint's (``checkpoint_path``), else 91 (COCO in torchvision's numbering).
+        checkpoint_path: our own whole-detector state dict (safetensors, a ``.pth`` of
+            ``model.state_dict()``, a training checkpoint): loaded with ``strict=True``; nothing is
+            loaded when it does not fit (:class:`CheckpointError`).
+        backbone_checkpoint: backbone weights only, through :func:`load_backbone_weights`: an ImageNet
+            checkpoint, an official dense mmengine file (e.g. the official Cascade Mask R-CNN:
+            its ``backbone.*``), or one of our detectors (its ``backbone.body.*``). Strict on the
+            backbone's keys; what was left out (necks, heads) is in ``model.load_report``.
+        **overrides: torchvision detector arguments (``min_size``, ``max_size``, ``box_score_thresh``,
+            ``rpn_*``, ``box_*``, ``size_divisible``, ...) and ``fpn_channels`` go to
+            :func:`~hymamba.models.detection.build_detector`; the rest to :func:`create_backbone`
+            (``window_size``, ``drop_path_rate``, ``frozen_stages``, ``norm_eval``, ``scan_impl``, ...).
+    Returns:
+        The detector in train mode, with ``load_report`` (a :class:`LoadReport`, or None without weights).
+    """
+    from hymamba.models.detection import build_detector, detector_kwargs
+
+    if name not in DETECTORS:
+        raise ConfigError(f"unknown detector {name!r}. Known detectors: {', '.join(DETECTORS)}")
+    if checkpoint_path is not None and backbone_checkpoint is not None:
+        raise ConfigError("pass checkpoint_path (a whole detector) or backbone_checkpoint (backbone weights), not both")
+    spec = DETECTORS[name]
+    det_keys = set(detector_kwargs(spec.kind)) | {"fpn_channels"}
+    det_kwargs: Dict[str, Any] = dict(fpn_channels=spec.fpn_channels, min_size=spec.min_size, max_size=spec.max_size)
+    det_kwargs.update({k: overrides.pop(k) for k in list(overrides) if k in det_keys})
+    ckpt = _as_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    bb_ckpt = _as_checkpoint(backbone_checkpoint) if backbone_checkpoint is not None else None
+    for weights in (ckpt, bb_ckpt):
+        for key, value in options_from(weights.meta if weights is not None else {}).items():
+            overrides.setdefault(key, value)  # ablation options the weights were trained with
+    if num_classes is None:
+        cls_score = ckpt.state_dict.get("roi_heads.box_predictor.cls_score.weight") if ckpt is not None else None
+        num_classes = int(cls_score.shape[0]) if cls_score is not None else spec.num_classes
+    overrides.setdefault("window_size", spec.window_size)
+    overrides.setdefault("drop_path_rate", spec.drop_path_rate)
+    backbone = create_backbone(spec.backbone, **overrides)
+    report = _load_detector_backbone(backbone, bb_ckpt) if bb_ckpt is not None else None
+    model = build_detector(backbone, spec.kind, num_classes, **det_kwargs)
+    if ckpt is not None:
+        report = load_state_dict(model, ckpt.state_dict, strict=True, source=str(ckpt.path))
+    model.load_report = report
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
