@@ -439,3 +439,22 @@ def test_default_digits_job_learns(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "digits" / "summary.json").read_text())
     assert summary["final_top1"] >= 95.0, summary
     assert summary["val_images"] == 360 and summary["train_images_per_epoch"] == 22 * 64
+
+
+@pytest.mark.parametrize("sched, checks", [
+    ("poly", [(0, 1.0), (6, 0.5), (9, 0.25)]),                  # power 1: linear to 0 over 12 epochs
+    ("multistep", [(8.8, 1.0), (9.1, 0.1), (11.1, 0.01)]),       # x0.1 at 0.75 and 0.9167 of 12 epochs
+])
+def test_poly_and_multistep_schedules_have_the_asked_shape(sched: str, checks: list) -> None:
+    """timm's defaults would give poly power 0.1 and milestones at epochs 90/180/270; the engine passes ours."""
+    from timm.scheduler import create_scheduler_v2
+
+    from hymamba.engine.loop import Trainer
+
+    cfg = TrainConfig(sched=sched, epochs=12, warmup_epochs=0, cooldown_epochs=0, min_lr=0.0, lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler, _ = create_scheduler_v2(opt, sched=sched, num_epochs=12, warmup_epochs=0, min_lr=0.0,
+                                       step_on_epochs=False, updates_per_epoch=10, **Trainer._schedule_shape(cfg))
+    for epoch, want in checks:
+        scheduler.step_update(num_updates=round(epoch * 10))
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, abs=1e-9), (epoch, want)

@@ -256,6 +256,8 @@ class EngineConfig(Config):
     min_lr: float = option(1e-5, "learning rate at the end of the schedule")
     warmup_lr: float = option(1e-6, "learning rate at the start of warmup")
     sched: str = option("cosine", f"learning-rate schedule ({', '.join(SCHEDULES)})")
+    milestones: Tuple[float, float] = option((0.75, 0.9167), "multistep: decay the lr x 0.1 at these fractions of "
+                                                              "the epochs (the 3x detection schedule: 27 and 33 of 36)")
     poly_power: float = option(1.0, "power of the poly schedule (1: linear decay to MIN_LR, as mmseg's PolyLR in "
                                     "the official dense configs)")
     opt: str = option("lamb", "optimiser, any timm name (lamb, adamw, sgd, ...)")
@@ -301,6 +303,8 @@ class EngineConfig(Config):
         need(self.grad_accum >= 1, f"grad_accum must be at least 1, got {self.grad_accum}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.poly_power > 0, f"poly_power must be positive, got {self.poly_power}")
+        need(0 < self.milestones[0] <= self.milestones[1] <= 1,
+             f"milestones are fractions of the schedule, 0 < first <= second <= 1, got {self.milestones}")
         need(self.lr_base_size is None or self.lr_base_size >= 1,
              f"lr_base_size must be positive, got {self.lr_base_size}")
         need(self.min_lr >= 0 and self.warmup_lr >= 0, "min_lr and warmup_lr must be >= 0")

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 INTERRUPTED_EXIT = 130
 #: settings that shape the learning-rate schedule (a resumed run that changes one gets a new schedule)
 _SCHEDULE_KEYS = ("epochs", "warmup_epochs", "cooldown_epochs", "lr", "lr_base_size", "min_lr", "warmup_lr",
-                  "sched", "poly_power", "batch_size", "grad_accum")
+                  "sched", "poly_power", "milestones", "batch_size", "grad_accum")
 
 
 def _empty_partial() -> Dict[str, float]:
@@ -150,10 +150,20 @@ class Trainer:
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs - cfg.cooldown_epochs,
             warmup_epochs=cfg.warmup_epochs, cooldown_epochs=cfg.cooldown_epochs, min_lr=cfg.min_lr,
             warmup_lr=cfg.warmup_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
-            # timm takes the poly power from decay_rate (default 0.1: an almost flat schedule)
-            **({"decay_rate": cfg.poly_power} if cfg.sched == "poly" else {}))
+            **self._schedule_shape(cfg))
         self.amp_dtype = amp_dtype(self.device, cfg.amp, cfg.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    @staticmethod
+    def _schedule_shape(cfg: Any) -> Dict[str, Any]:
+        """timm's arguments that shape the poly and multistep schedules (its defaults would silently give
+        poly power 0.1, an almost flat schedule, and milestones at epochs 90/180/270)."""
+        if cfg.sched == "poly":
+            return {"decay_rate": cfg.poly_power}
+        if cfg.sched == "multistep":
+            span = cfg.epochs - cfg.cooldown_epochs
+            return {"decay_milestones": [f * span for f in cfg.milestones], "decay_rate": 0.1}
+        return {}
 
     def _restore(self) -> None:
         """Fresh run: epoch 0. Resumed run: every state from the checkpoint."""
