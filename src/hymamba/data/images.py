@@ -22,12 +22,14 @@ from __future__ import annotations
 import io
 import os
 from functools import lru_cache
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["FORMATS", "IMG_EXTENSIONS", "UNREADABLE", "UnreadableImageError", "load_image"]
+from hymamba.errors import DataError
+
+__all__ = ["FORMATS", "IMG_EXTENSIONS", "UNREADABLE", "UnreadableImageError", "load_image", "read_or_substitute"]
 
 #: file suffixes read as images (case-insensitive)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -184,3 +186,26 @@ def _cmyk_transform(icc: bytes) -> Optional[Any]:
                                        renderingIntent=0)  # perceptual
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
+
+
+def read_or_substitute(i: int, n: int, load: Callable[[int], Any], name: Callable[[int], str],
+                       substitute_bad: bool, where: str) -> Tuple[Optional[int], Any, List[str]]:
+    """Sample ``i`` of ``n`` through ``load(j)``, by the data sets' unreadable-image policy.
+
+    An unreadable file (one of :data:`UNREADABLE`, except a :class:`DataError`, which is the data's
+    fault and raised) is recorded as ``"<name(j)> (<error>)"``; then either ``(None, None, bad)`` is
+    returned, or with ``substitute_bad`` the next readable sample is (``j`` wraps around).
+    Returns ``(j, load(j), bad)``. Raises DataError when no sample of ``where`` can be read.
+    """
+    bad: List[str] = []
+    for attempt in range(n):
+        j = (i + attempt) % n
+        try:
+            return j, load(j), bad
+        except UNREADABLE as e:
+            if isinstance(e, DataError):
+                raise
+            bad.append(f"{name(j)} ({type(e).__name__}: {e})")
+            if not substitute_bad:
+                return None, None, bad
+    raise DataError(f"no image of {where} could be read; first failures: {bad[:3]}")

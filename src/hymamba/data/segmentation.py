@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from hymamba.data.images import IMG_EXTENSIONS, UNREADABLE, load_image
+from hymamba.data.images import IMG_EXTENSIONS, load_image, read_or_substitute
 from hymamba.data.seg_transforms import IGNORE_INDEX, SegNormalize
 from hymamba.errors import DataError
 
@@ -99,21 +99,12 @@ class _PairDataset(Dataset):
         return image, (reduce_zero_label(mask) if self.reduce_zero_label else mask)
 
     def __getitem__(self, i: int) -> SegSample:
-        bad: List[str] = []
-        for attempt in range(len(self.samples)):
-            j = (i + attempt) % len(self.samples)
-            try:
-                image, mask = self.load_pair(j)
-            except UNREADABLE as e:
-                if isinstance(e, DataError):
-                    raise
-                bad.append(f"{self.samples[j][0]} ({type(e).__name__}: {e})")
-                if not self.substitute_bad:
-                    return None, None, bad
-                continue
-            x, y = self.transform(image, mask, np.random.default_rng([self.seed, self.epoch, j]))
-            return x, y, bad
-        raise DataError(f"no image under {self.root} could be read; first failures: {bad[:3]}")
+        j, pair, bad = read_or_substitute(i, len(self.samples), self.load_pair, lambda k: self.samples[k][0],
+                                          self.substitute_bad, str(self.root))
+        if j is None:
+            return None, None, bad
+        x, y = self.transform(*pair, np.random.default_rng([self.seed, self.epoch, j]))
+        return x, y, bad
 
 
 def _pair(images: Path, masks: Path, what: str) -> List[Tuple[str, str]]:

@@ -119,7 +119,7 @@ def _training_state_meta(obj: Any, path: Path) -> Dict[str, Any]:
     if not isinstance(obj, Mapping) or obj.get("format") != TRAIN_STATE_FORMAT:
         return {}
     meta: Dict[str, Any] = {}
-    for key in ("data_config", "architecture", "segmentation"):  # what the task stored to rebuild the model
+    for key in ("data_config", "architecture", "segmentation", "detection"):  # what the task stored to rebuild it
         part = obj.get(key)
         if part is None:
             continue

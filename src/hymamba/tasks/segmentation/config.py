@@ -16,11 +16,10 @@ Imports no torch: the command line builds its flags from these fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple
 
-from hymamba.engine.config import EngineConfig, need, option, resume_config
-from hymamba.errors import ConfigError
+from hymamba.engine.config import need, option, resume_config
+from hymamba.tasks.dense.config import DenseConfig
 
 __all__ = ["DIGIT_SCENES", "EVAL_MODES", "SegmentationConfig", "build_config", "config_for_resume"]
 
@@ -30,7 +29,7 @@ EVAL_MODES = ("whole", "slide")
 
 
 @dataclass
-class SegmentationConfig(EngineConfig):
+class SegmentationConfig(DenseConfig):
     """Everything a segmentation run needs. Field names are the YAML keys and the ``--flags``."""
 
     # data
@@ -47,24 +46,12 @@ class SegmentationConfig(EngineConfig):
                                                      "false otherwise)")
     ignore_index: int = option(255, "mask value that is not scored nor trained on")
     scene_size: int = option(64, "side of the built-in DigitScenes images")
-    max_train_samples: Optional[int] = option(None, "use only this many training images (spread over the set)")
-    max_val_samples: Optional[int] = option(None, "use only this many validation images")
 
     # model
-    backbone: str = option("mambavision_nano", "backbone variant (see 'hymamba models'); official: "
-                                               "mambavision_{T,S,B}")
-    pretrained: bool = option(False, "start the backbone from the variant's official ImageNet weights (a local "
-                                     "file, see README)")
-    backbone_checkpoint: Optional[str] = option(None, "start the backbone from these weights (ImageNet or dense "
-                                                      "checkpoint)")
     head_channels: int = option(128, "UPerHead channels (official: 512)")
     aux_channels: int = option(64, "auxiliary FCNHead channels on level 3 (official: 256; 0: no auxiliary head)")
     aux_weight: float = option(0.4, "weight of the auxiliary loss (official: 0.4)")
     dropout: float = option(0.1, "dropout before the heads' classifiers (official: 0.1)")
-    drop_path: float = option(0.0, "backbone stochastic depth (official dense runs: 0.2)")
-    window_size: Optional[Tuple[int, int, int, int]] = option(None, "attention windows per level (default: the "
-                                                                     "variant's)")
-    scan_impl: str = option("auto", "selective-scan implementation")
     sync_bn: bool = option(True, "synchronise the heads' BatchNorm over processes on CUDA (official: SyncBN; "
                                  "CPU/gloo runs keep per-process statistics, averaged at each epoch's end)")
 
@@ -100,12 +87,7 @@ class SegmentationConfig(EngineConfig):
 
     def check(self) -> None:
         """Reject impossible settings before any work starts (ConfigError saying what to do)."""
-        from hymamba.factory import resolve_model_name
-        from hymamba.ops import check_scan_impl
-
         super().check()
-        resolve_model_name(self.backbone)
-        check_scan_impl(self.scan_impl)
         need(self.data is not None, "no data set: give DATA ('digitscenes', an ADE20K root or a mask folder)")
         need(self.num_classes is None or self.num_classes >= 1, f"num_classes must be at least 1, got "
                                                                 f"{self.num_classes}")
@@ -120,9 +102,6 @@ class SegmentationConfig(EngineConfig):
         need(self.aux_channels >= 0, f"aux_channels must be >= 0 (0: no auxiliary head), got {self.aux_channels}")
         need(self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        need(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
-        need(self.window_size is None or all(w >= 1 for w in self.window_size),
-             f"window_size entries must be at least 1, got {self.window_size}")
         need(0 < self.scale_ratio[0] <= self.scale_ratio[1],
              f"scale_ratio must be 0 < min <= max, got {self.scale_ratio}")
         need(0 < self.cat_max_ratio <= 1, f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
@@ -132,18 +111,6 @@ class SegmentationConfig(EngineConfig):
              f"eval_size must be 0 (own size) or at least 32, got {self.eval_size}")
         need(self.eval_stride is None or self.eval_stride >= 1, f"eval_stride must be positive, got "
                                                                 f"{self.eval_stride}")
-        for name in ("max_train_samples", "max_val_samples"):
-            value = getattr(self, name)
-            need(value is None or value >= 1, f"{name} must be at least 1, got {value}")
-        need(not (self.pretrained and self.backbone_checkpoint),
-             "give either pretrained or backbone_checkpoint, not both")
-        if self.backbone_checkpoint is not None:
-            try:
-                found = Path(self.backbone_checkpoint).expanduser().exists()
-            except (RuntimeError, OSError) as e:  # e.g. ~nosuchuser/...
-                raise ConfigError(f"backbone_checkpoint path {self.backbone_checkpoint!r} cannot be resolved: "
-                                  f"{e}") from None
-            need(found, f"backbone_checkpoint not found: {self.backbone_checkpoint}")
 
 
 #: shorthand (the segmentation config is what ``hymamba segment train`` reads)

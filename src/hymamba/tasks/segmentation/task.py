@@ -14,10 +14,9 @@ from hymamba.data.datasets import warn_unreadable
 from hymamba.data.samplers import ShardSampler
 from hymamba.data.seg_transforms import ADE_MEAN, ADE_STD, SegEvalTransform, SegTrainTransform, collate_segmentation
 from hymamba.data.segmentation import open_split, spread_subset
-from hymamba.engine.task import Task
 from hymamba.errors import DataError
-from hymamba.factory import create_backbone, resolve_model_name
 from hymamba.models.upernet import build_segmenter
+from hymamba.tasks.dense.task import DenseTask
 from hymamba.tasks.segmentation.config import SegmentationConfig
 from hymamba.tasks.segmentation.evaluation import Inference, evaluate_segmenter
 from hymamba.utils.distributed import Dist
@@ -46,7 +45,7 @@ def default_palette(n: int) -> List[List[int]]:
     return out
 
 
-class SegmentationTask(Task):
+class SegmentationTask(DenseTask):
     """Train a UPerNet segmenter; "best" is the validation mIoU (mmseg's, in percent)."""
 
     metric_names = ("mIoU", "aAcc", "loss")
@@ -55,16 +54,11 @@ class SegmentationTask(Task):
     best_title = "mIoU (%)"
     config: SegmentationConfig
 
-    def __init__(self, config: SegmentationConfig) -> None:
-        super().__init__(config)
-        self.skipped: set = set()
-
     # -- data --------------------------------------------------------------------------------------
 
     def setup(self, dist: Dist, resume: Optional[Mapping[str, Any]]) -> None:
         cfg = self.config
         self.dist = dist
-        self.backbone_name = resolve_model_name(cfg.backbone)
         self.mean, self.std = ADE_MEAN, ADE_STD
         crop = (cfg.crop_size, cfg.crop_size)
         train_tf = SegTrainTransform(crop_size=crop, scale=(4 * cfg.crop_size, cfg.crop_size),
@@ -101,9 +95,7 @@ class SegmentationTask(Task):
         self.base_train = train_ds
         self.train_ds = spread_subset(train_ds, cfg.max_train_samples)
         self.val_ds = spread_subset(val_ds, cfg.max_val_samples)
-        if resume is not None and resume.get("class_names") != self.class_names:
-            raise DataError(f"the run being resumed was trained on classes {list(resume.get('class_names') or [])[:10]}, "
-                            f"but the data has {self.class_names[:10]}; resume with the same data")
+        self.check_resume(resume)
         # images of one size (the scenes) batch; folders are scored one image at a time (evaluation.py)
         val_batch = (cfg.val_batch_size or 2 * cfg.batch_size) if self.data_kind == "digitscenes" else 1
         self.val_loader = torch.utils.data.DataLoader(
@@ -129,20 +121,13 @@ class SegmentationTask(Task):
 
     def build_model(self) -> nn.Module:
         cfg = self.config
-        kwargs: Dict[str, Any] = dict(drop_path_rate=cfg.drop_path, scan_impl=cfg.scan_impl)
-        if cfg.window_size is not None:
-            kwargs["window_size"] = tuple(cfg.window_size)
-        backbone = create_backbone(self.backbone_name, checkpoint_path=cfg.backbone_checkpoint,
-                                   pretrained=cfg.pretrained, **kwargs)
+        backbone = self.build_backbone()
         model = build_segmenter(backbone, len(self.class_names), channels=cfg.head_channels,
                                 aux_channels=cfg.aux_channels or None, pool_scales=POOL_SCALES, aux_index=AUX_INDEX,
                                 dropout_ratio=cfg.dropout)
         model.class_names, model.palette = list(self.class_names), [list(c) for c in self.palette]
         if cfg.sync_bn and self.dist.world_size > 1 and self.dist.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps names: checkpoints are unchanged
-        self.init_note = ("official ImageNet backbone" if cfg.pretrained else
-                          f"backbone from {cfg.backbone_checkpoint}" if cfg.backbone_checkpoint else
-                          "random initialisation")
         self.params = sum(p.numel() for p in model.parameters())
         return model
 
@@ -186,10 +171,6 @@ class SegmentationTask(Task):
         return {"mIoU": res["mIoU"], "aAcc": res["aAcc"], "mAcc": res["mAcc"], "loss": res["loss"],
                 "val_images": res["images"]}
 
-    def end_epoch(self) -> None:
-        if self.dist.enabled:
-            self.skipped = {p for part in self.dist.gather_objects(sorted(self.skipped)) for p in part}
-
     # -- reporting and state -------------------------------------------------------------------------
 
     def format_metrics(self, metrics: Mapping[str, Any], short: bool = False) -> str:
@@ -221,11 +202,7 @@ class SegmentationTask(Task):
                 "window_size": list(cfg.window_size) if cfg.window_size is not None else None}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"class_names": self.class_names, "palette": self.palette, "segmentation": self.export_metadata(),
-                "skipped": sorted(self.skipped)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.skipped = set(state.get("skipped", ()))
+        return {**super().state_dict(), "palette": self.palette, "segmentation": self.export_metadata()}
 
     def export_metadata(self) -> Dict[str, Any]:
         cfg = self.config
