@@ -37,6 +37,33 @@ def test_train_on_built_in_objects_then_resume(tmp_path: Path) -> None:
     meta = json.loads((out / "model.json").read_text())
     assert meta["task"] == "detection" and meta["kind"] == "maskrcnn" and meta["num_classes"] == 11
     assert meta["class_names"] == [str(d) for d in range(10)]
+    # detect eval scores the run folder exactly as the run's own validation did (same images, fp32)
+    ev = run_cli("detect", "eval", str(out), "--max-samples", "4", "--json")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    res = json.loads(ev.stdout)
+    assert res["images"] == 4 and res["test_size"] == 128
+    assert res["bbox"]["AP"] == pytest.approx(summary["final_AP"], abs=1e-9)
+    assert res["segm"]["AP"] == pytest.approx(summary["final_mask_AP"], abs=1e-9)
+    # detect predict: detections.json and drawn images; an unreadable file is skipped and counted
+    from PIL import Image
+
+    from hymamba.data.detection import DigitObjects
+
+    images = tmp_path / "images"
+    images.mkdir()
+    scenes = DigitObjects("val", 128, n=2)
+    for i in range(2):
+        Image.fromarray(scenes.load_raw(i)[0]).save(images / f"scene{i}.png")
+    (images / "broken.png").write_bytes(b"no")
+    pred = run_cli("detect", "predict", str(out), str(images), "--out", str(tmp_path / "pred"), "--score-thresh", "0")
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert "broken.png" in pred.stderr
+    entries = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert len(entries) == 3 and sum("error" in e for e in entries) == 1
+    for e in (e for e in entries if "detections" in e):
+        assert Image.open(e["drawn"]).size == (128, 128)
+        for d in e["detections"]:
+            assert d["class"] in meta["class_names"] and 0 <= d["score"] <= 1 and len(d["box"]) == 4
     resumed = run_cli("detect", "train", "--resume", str(out), "--epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2"]

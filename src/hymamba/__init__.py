@@ -7,6 +7,7 @@ Public API::
     create_segmenter(name, num_classes=150, checkpoint_path=None, ...)  # UPerNet segmenter
     create_detector(name, num_classes=None, checkpoint_path=None, backbone_checkpoint=None, ...)  # Mask/Faster R-CNN
     load_trained_segmenter(path, name=None)  # a trained segmenter (a run folder or an official file)
+    load_trained_detector(path)              # a detector trained with 'hymamba detect train'
     list_models(pattern="*")
     load_checkpoint(model, path, strict=True, use_ema=False)
     MambaVision(...)                       # the official constructor
@@ -44,6 +45,7 @@ _API = {
     "list_models": "hymamba.factory",
     "load_checkpoint": "hymamba.factory",
     "load_trained_segmenter": "hymamba.factory",
+    "load_trained_detector": "hymamba.factory",
     "resolve_model_name": "hymamba.factory",
     "optimize_for_inference": "hymamba.models.fuse",
     "last_scan_impl": "hymamba.ops.dispatch",

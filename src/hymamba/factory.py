@@ -11,6 +11,7 @@
   or an official checkpoint), for evaluation and prediction;
 - :func:`create_detector`: a torchvision Mask / Faster R-CNN on the dense backbone (COCO settings),
   with backbone weights (ImageNet, official dense) or our own whole-detector weights;
+  :func:`load_trained_detector`: a run of ``hymamba detect train``, for evaluation and prediction;
 - the timm registration: every variant is a timm model (``timm.create_model("mambavision_t")``),
   whose entrypoint is :func:`create_model`, so ``pretrained=True``/``checkpoint_path=`` work there too.
 
@@ -47,7 +48,8 @@ from hymamba.weights.metadata import Checkpoint, read_checkpoint
 
 __all__ = ["ALIASES", "create_backbone", "create_detector", "create_model", "create_segmenter", "detect_variant",
            "list_models", "load_backbone_weights",
-           "load_checkpoint", "load_trained_model", "load_trained_segmenter", "official_weights_path",
+           "load_checkpoint", "load_trained_detector", "load_trained_model", "load_trained_segmenter",
+           "official_weights_path",
            "resolve_model_name"]
 
 PathLike = Union[str, os.PathLike]
@@ -507,6 +509,30 @@ def create_detector(name: str, num_classes: Optional[int] = None,
         report = load_state_dict(model, ckpt.state_dict, strict=True, source=str(ckpt.path))
     model.load_report = report
     return model
+
+
+def load_trained_detector(checkpoint: PathLike, *, use_ema: bool = False,
+                          scan_impl: str = "auto") -> Tuple[nn.Module, Dict[str, Any]]:
+    """A detector trained with ``hymamba detect train`` (a run folder, its ``model.safetensors`` or a
+    ``.pth`` it wrote), rebuilt from its metadata and loaded with ``strict=True``, in eval mode, with
+    ``class_names``; and the metadata."""
+    from hymamba.models.detection import build_detector
+
+    ckpt = read_checkpoint(checkpoint, use_ema=use_ema)
+    meta = dict(ckpt.meta)
+    if meta.get("task") != "detection":
+        raise CheckpointError(f"{ckpt.path} is not a detector run of hymamba (no model.json with 'task: detection' "
+                              "beside it); for an official Cascade Mask R-CNN file, take its backbone with "
+                              "create_detector(name, backbone_checkpoint=...)")
+    kwargs: Dict[str, Any] = dict(drop_path_rate=0.0, scan_impl=scan_impl)
+    if meta.get("window_size"):
+        kwargs["window_size"] = tuple(meta["window_size"])
+    backbone = create_backbone(meta["backbone"], **kwargs)
+    model = build_detector(backbone, meta["kind"], int(meta["num_classes"]), **dict(meta.get("detector_kwargs") or {}))
+    load_state_dict(model, ckpt.state_dict, strict=True, source=str(ckpt.path))
+    names = meta.get("class_names")
+    model.class_names = [str(c) for c in names] if names and len(names) == int(meta["num_classes"]) - 1 else None
+    return model.eval(), meta
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from hymamba.utils.amp import amp_dtype as resolve_amp_dtype
 from hymamba.utils.amp import autocast, resolve_device
 from hymamba.utils.io import atomic_write
 
-__all__ = ["SegmentationSettings", "evaluate", "export", "palette_for", "predict", "settings_from"]
+__all__ = ["SegmentationSettings", "evaluate", "export", "image_files", "palette_for", "predict", "read_images",
+           "settings_from"]
 
 logger = logging.getLogger("hymamba")
 
@@ -182,6 +183,18 @@ def image_files(inputs: Sequence[str | os.PathLike]) -> List[Tuple[Path, Path]]:
     return out
 
 
+def read_images(files: Sequence[Tuple[Path, Path]], results: List[Dict[str, Any]],
+                progress: Optional[Callable[[Iterator], Iterator]] = None) -> Iterator[Tuple[Path, Path, np.ndarray]]:
+    """``(path, output name, uint8 RGB array)`` of each readable file; every file gets an entry
+    ``{"image": path}`` appended to ``results`` (with ``error`` for an unreadable one, which is skipped)."""
+    for path, name in (files if progress is None else progress(iter(files))):
+        results.append({"image": str(path)})
+        try:
+            yield path, name, np.asarray(load_image(path))
+        except UNREADABLE as e:
+            results[-1]["error"] = f"{type(e).__name__}: {e}"
+
+
 def _save_png(image: Image.Image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
@@ -258,14 +271,7 @@ def predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
             entry["classes"] = {names[k]: round(float(counts[k]) / mask.size, 6) for k in order if counts[k] > 0}
         pending.clear()
 
-    iterator: Any = files if progress is None else progress(iter(files))
-    for path, name in iterator:
-        results.append({"image": str(path)})
-        try:
-            image = np.asarray(load_image(path))
-        except UNREADABLE as e:
-            results[-1]["error"] = f"{type(e).__name__}: {e}"
-            continue
+    for path, name, image in read_images(files, results, progress):
         x, _ = transform(image, np.zeros(image.shape[:2], dtype=np.int64))
         if pending and (len(pending) >= batch_size or pending[0][2].shape != x.shape):
             flush()

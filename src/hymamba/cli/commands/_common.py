@@ -5,7 +5,8 @@ from typing import Callable, List, Optional, Sequence
 
 from hymamba.errors import ConfigError
 
-__all__ = ["image_size", "non_negative_int", "none_or", "positive_int", "report_unreadable"]
+__all__ = ["image_size", "non_negative_int", "none_or", "positive_int", "progress_bar", "report_unreadable",
+           "without_nan"]
 
 
 def image_size(given: Optional[Sequence[int]], default: Sequence[int]) -> List[int]:
@@ -63,3 +64,25 @@ def report_unreadable(results: Sequence[dict]) -> int:
     if len(failed) == len(results):
         raise DataError(f"none of the {len(results)} image(s) could be read")
     return len(failed)
+
+
+def without_nan(v: object) -> object:
+    """``v`` with every float NaN (a metric with nothing to score) as None: JSON has no NaN."""
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: without_nan(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [without_nan(x) for x in v]
+    return v
+
+
+def progress_bar(desc: str) -> Optional[Callable]:
+    """A tqdm wrapper for an iterator of images when stderr is a terminal, else None (no bar in logs)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="image")

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from hymamba.cli.commands._common import non_negative_int, positive_int, report_unreadable
+from hymamba.cli.commands._common import non_negative_int, positive_int, progress_bar, report_unreadable, without_nan
 
 HELP = "semantic segmentation: train, eval, predict (UPerNet on MambaVision; 'hymamba segment train' alone " \
        "trains on the built-in digit scenes)"
@@ -143,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
                    max_samples=args.max_samples, batch_size=args.batch_size, workers=args.workers,
                    progress=sys.stderr.isatty(), **_inference_kwargs(args))
     if args.json:
-        print(json.dumps(_no_nan(res), indent=2))
+        print(json.dumps(without_nan(res), indent=2))
         return 0
     print(f"{res['model']} ({res['checkpoint']}) on {res['data']} [{res['split']}]: mIoU {res['mIoU']:.2f}  "
           f"aAcc {res['aAcc']:.2f}  mAcc {res['mAcc']:.2f}  ({res['images']} images, {res['skipped_images']} "
@@ -159,26 +159,10 @@ def _fmt(v: float) -> str:
     return "-" if math.isnan(v) else f"{v:.2f}"
 
 
-def _no_nan(v: object) -> object:
-    """NaN (a class neither annotated nor predicted) as null: JSON has no NaN."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _no_nan(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_no_nan(x) for x in v]
-    return v
-
-
 def _predict(args: argparse.Namespace) -> int:
     from hymamba.apps.segment import predict
 
-    progress = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        def progress(it):  # noqa: E306
-            return tqdm(it, desc="segmenting", unit="image")
+    progress = progress_bar("segmenting")
     results = predict(args.checkpoint, args.inputs, args.out, overlay=args.overlay, alpha=args.alpha,
                       batch_size=args.batch_size, progress=progress, **_inference_kwargs(args))
     failed = report_unreadable(results)

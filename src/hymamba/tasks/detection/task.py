@@ -19,8 +19,7 @@ from hymamba.errors import DataError
 from hymamba.models.detection import build_detector
 from hymamba.tasks.dense.task import DenseTask
 from hymamba.tasks.detection.config import DIGIT_OBJECTS, DetectionConfig
-from hymamba.tasks.detection.metrics import CocoEvaluator
-from hymamba.utils.amp import autocast
+from hymamba.tasks.detection.evaluation import evaluate_detector
 from hymamba.utils.distributed import Dist
 
 __all__ = ["DetectionTask", "open_detection_split"]
@@ -149,37 +148,16 @@ class DetectionTask(DenseTask):
         out["loss"] = sum(losses.values())
         return out
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
-        cfg = self.config
-        iou_types = ("bbox", "segm") if cfg.detector == "maskrcnn" else ("bbox",)
-        evaluator = CocoEvaluator(self.val_gt, iou_types=iou_types)
-        transform = _unwrap(model).transform
-        train_sizes, was_training = transform.min_size, model.training
-        transform.min_size = (cfg.min_size,)  # one test scale
-        model.eval()
-        try:
-            for images, targets, bad in self.val_loader:
-                warn_unreadable(bad, self.skipped)
-                if not images:
-                    continue
-                images = [im.to(self.dist.device, non_blocking=True) for im in images]
-                with autocast(self.dist.device, amp_dtype):
-                    outputs = model(images)
-                outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
-                evaluator.update([int(t["image_id"]) for t in targets], outputs)
-        finally:
-            transform.min_size = train_sizes
-            model.train(was_training)
-        evaluator.gather(self.dist)
-        res = evaluator.compute()
-        out = {"AP": res["bbox"]["AP"], "AP50": res["bbox"]["AP50"], "AP75": res["bbox"]["AP75"],
-               "APs": res["bbox"]["APs"], "APm": res["bbox"]["APm"], "APl": res["bbox"]["APl"],
-               "val_images": res["images"]}
+        res = evaluate_detector(model, self.val_loader, self.val_gt, test_size=self.config.min_size,
+                                device=self.dist.device, amp_dtype=amp_dtype, dist=self.dist, skipped=self.skipped)
+        box = res["bbox"]
+        out = {"AP": box["AP"], "AP50": box["AP50"], "AP75": box["AP75"], "APs": box["APs"], "APm": box["APm"],
+               "APl": box["APl"], "val_images": res["images"]}
         if "segm" in res:
             out.update({"mask_AP": res["segm"]["AP"], "mask_AP50": res["segm"]["AP50"],
                         "mask_AP75": res["segm"]["AP75"]})
-        self.last_summary = evaluator.summary_text()
+        self.last_summary = res["summary"]
         return out
 
     # -- reporting and state -------------------------------------------------------------------------
@@ -216,7 +194,3 @@ class DetectionTask(DenseTask):
         return {"model": f"{cfg.detector}_{self.backbone_name}", "data": cfg.data,
                 "num_classes": len(self.class_names), "skipped_images": len(self.skipped)}
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DDP wrapper."""
-    return getattr(model, "module", model)
