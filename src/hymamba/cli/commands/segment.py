@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hymamba.cli.commands._common import non_negative_int, positive_int, progress_bar, report_unreadable, without_nan
 
-HELP = "semantic segmentation: train, eval, predict (UPerNet on MambaVision; 'hymamba segment train' alone " \
+HELP = "semantic segmentation: train, eval, predict, export (UPerNet on MambaVision; 'hymamba segment train' alone " \
        "trains on the built-in digit scenes)"
 PARSER_KWARGS = dict(description="Semantic segmentation with the official UPerNet recipe. Data: 'digitscenes' "
                                  "(built-in), an ADE20K root (images/ + annotations/, mmseg layout) or a folder "
