@@ -286,3 +286,17 @@ def test_backbone_attention_uses_sdpa(tiny: Dict[str, str], monkeypatch: pytest.
     assert blocks > 0 and len(calls) == blocks
     source = (Path(hymamba.__file__).parent / "models" / "layers.py").read_text()
     assert "F.scaled_dot_product_attention(" in source
+
+
+@pytest.mark.parametrize("kind", ["maskrcnn", "fasterrcnn"])
+def test_head_channels_sets_the_heads_width(tiny: Dict[str, str], kind: str) -> None:
+    """head_channels narrows the box head's fc layers and the mask head's convs; the detector still trains."""
+    det = hymamba.create_detector(tiny[kind], num_classes=NUM_CLASSES, head_channels=24, **SMALL)
+    heads = det.roi_heads
+    assert heads.box_head.fc6.out_features == 24 and heads.box_predictor.cls_score.out_features == NUM_CLASSES
+    if kind == "maskrcnn":
+        convs = [m for m in heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [m.out_channels for m in convs] == [24] * 4
+        assert heads.mask_predictor.mask_fcn_logits.out_channels == NUM_CLASSES
+    with pytest.raises(ConfigError):
+        hymamba.create_detector(tiny[kind], num_classes=NUM_CLASSES, head_channels=0, **SMALL)

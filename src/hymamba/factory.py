@@ -489,7 +489,7 @@ def create_detector(name: str, num_classes: Optional[int] = None,
     if checkpoint_path is not None and backbone_checkpoint is not None:
         raise ConfigError("pass checkpoint_path (a whole detector) or backbone_checkpoint (backbone weights), not both")
     spec = DETECTORS[name]
-    det_keys = set(detector_kwargs(spec.kind)) | {"fpn_channels"}
+    det_keys = set(detector_kwargs(spec.kind)) | {"fpn_channels", "head_channels"}
     det_kwargs: Dict[str, Any] = dict(fpn_channels=spec.fpn_channels, min_size=spec.min_size, max_size=spec.max_size)
     det_kwargs.update({k: overrides.pop(k) for k in list(overrides) if k in det_keys})
     ckpt = _as_checkpoint(checkpoint_path) if checkpoint_path is not None else None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ def _detector_class(kind: str) -> type:
 
 
 def build_detector(backbone: nn.Module, kind: str, num_classes: int, fpn_channels: int = 256,
-                   **torchvision_kwargs: Any) -> nn.Module:
+                   head_channels: Optional[int] = None, **torchvision_kwargs: Any) -> nn.Module:
     """A torchvision Mask R-CNN (``kind="maskrcnn"``) or Faster R-CNN (``"fasterrcnn"``) on ``backbone``.
 
     Args:
@@ -121,6 +121,9 @@ def build_detector(backbone: nn.Module, kind: str, num_classes: int, fpn_channel
         kind: ``"maskrcnn"`` or ``"fasterrcnn"``.
         num_classes: classes *including* the background (torchvision's convention; COCO: 91).
         fpn_channels: the FPN's width.
+        head_channels: the width of the box head's two fc layers and of the mask head's four convs
+            (None: torchvision's 1024 and 256; small detectors on a CPU train much faster with less,
+            the mask head's convolutions being most of a training step).
         **torchvision_kwargs: anything the torchvision class takes (``min_size``, ``max_size``,
             ``box_score_thresh``, ``rpn_*``, ``box_*``, ``size_divisible``, ...). Defaults here:
             ``min_size=800``, ``max_size=1333`` (the official COCO test size), ImageNet
@@ -151,6 +154,19 @@ def build_detector(backbone: nn.Module, kind: str, num_classes: int, fpn_channel
     )
     if kind == "maskrcnn":
         kwargs["mask_roi_pool"] = MultiScaleRoIAlign(list(FPN_LEVELS[:4]), output_size=14, sampling_ratio=2)
+    if head_channels is not None:
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+        if int(head_channels) < 1:
+            raise ConfigError(f"head_channels must be positive (or None for torchvision's), got {head_channels}")
+        c = int(head_channels)
+        kwargs["box_head"] = TwoMLPHead(fpn_channels * 7 * 7, c)
+        kwargs["box_predictor"] = FastRCNNPredictor(c, num_classes)
+        if kind == "maskrcnn":
+            kwargs["mask_head"] = MaskRCNNHeads(fpn_channels, [c] * 4, 1)
+            kwargs["mask_predictor"] = MaskRCNNPredictor(c, c, num_classes)
+        num_classes = None  # torchvision: given with a box_predictor it must be None
     kwargs.update(torchvision_kwargs)
     model = cls(fpn, num_classes=num_classes, **kwargs)
     model.kind = kind

@@ -42,6 +42,8 @@ class DetectionConfig(DenseConfig):
     frozen_stages: int = option(-1, "freeze the stem (0) and the levels below N (-1: nothing)")
     norm_eval: bool = option(False, "keep the backbone's BatchNorm statistics frozen")
     fpn_channels: int = option(64, "FPN channels (official: 256)")
+    head_channels: int = option(128, "box head fc and mask head conv width (0: torchvision's 1024 / 256; the "
+                                     "official Cascade heads: 1024 / 256)")
     rpn_batch_size: int = option(128, "anchors sampled per image for the RPN loss (official: 256)")
     rois_per_image: int = option(128, "RoIs sampled per image for the box/mask heads (official: 512)")
 
@@ -79,6 +81,7 @@ class DetectionConfig(DenseConfig):
         need(self.detector in DETECTOR_KINDS, f"detector must be maskrcnn or fasterrcnn, got {self.detector!r}")
         need(self.scene_size >= 64, f"scene_size must be at least 64, got {self.scene_size}")
         need(self.fpn_channels >= 8, f"fpn_channels must be at least 8, got {self.fpn_channels}")
+        need(self.head_channels >= 0, f"head_channels must be >= 0 (0: torchvision's widths), got {self.head_channels}")
         need(self.rpn_batch_size >= 1 and self.rois_per_image >= 1,
              f"rpn_batch_size and rois_per_image must be positive, got {self.rpn_batch_size}, {self.rois_per_image}")
         need(32 <= self.min_size <= self.max_size, f"need 32 <= min_size <= max_size, got {self.min_size}, "

@@ -120,7 +120,8 @@ class DetectionTask(DenseTask):
         cfg = self.config
         return {"kind": cfg.detector, "backbone": self.backbone_name, "num_classes": len(self.class_names) + 1,
                 "window_size": list(cfg.window_size) if cfg.window_size is not None else None,
-                "detector_kwargs": {"fpn_channels": cfg.fpn_channels, "min_size": cfg.min_size,
+                "detector_kwargs": {"fpn_channels": cfg.fpn_channels, "head_channels": cfg.head_channels or None,
+                                    "min_size": cfg.min_size,
                                     "max_size": cfg.max_size, "rpn_batch_size_per_image": cfg.rpn_batch_size,
                                     "box_batch_size_per_image": cfg.rois_per_image}}
 
