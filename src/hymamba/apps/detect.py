@@ -111,7 +111,7 @@ def predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
                 if captions:
                     image = draw_bounding_boxes(image, boxes, labels=captions, width=2, colors="red")
                 path = out / f"{name}.png"
-                atomic_write(path, lambda tmp: _save(image, tmp))
+                atomic_write(path, lambda tmp, drawn=image: _save(drawn, tmp))
                 results[slot]["drawn"] = str(path)
         pending.clear()
 

@@ -1,6 +1,8 @@
 """Argument helpers shared by the subcommands."""
 from __future__ import annotations
 
+import math
+
 from typing import Callable, List, Optional, Sequence
 
 from hymamba.errors import ConfigError
@@ -68,7 +70,7 @@ def report_unreadable(results: Sequence[dict]) -> int:
 
 def without_nan(v: object) -> object:
     """``v`` with every float NaN (a metric with nothing to score) as None: JSON has no NaN."""
-    if isinstance(v, float) and v != v:
+    if isinstance(v, float) and math.isnan(v):
         return None
     if isinstance(v, dict):
         return {k: without_nan(x) for k, x in v.items()}

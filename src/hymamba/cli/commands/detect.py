@@ -75,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hymamba.cli.commands.train import run_training, training_exit
+    from hymamba.cli.commands.train import run_training
     from hymamba.tasks.detection import DetectionConfig, config_for_resume, train
 
-    summary = run_training(args, DetectionConfig, config_for_resume, train, "detect train")
+    summary, status = run_training(args, DetectionConfig, config_for_resume, train, "detect train")
     if summary is None:
-        return training_exit(args)
+        return status
     before = summary.get("initial_AP")
     before = f"; before training {before:.2f}" if before is not None else ""
     mask = summary.get("final_mask_AP")

@@ -116,12 +116,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hymamba.cli.commands.train import run_training, training_exit
+    from hymamba.cli.commands.train import run_training
     from hymamba.tasks.segmentation import SegmentationConfig, config_for_resume, train
 
-    summary = run_training(args, SegmentationConfig, config_for_resume, train, "segment train")
+    summary, status = run_training(args, SegmentationConfig, config_for_resume, train, "segment train")
     if summary is None:
-        return training_exit(args)
+        return status
     before = summary.get("initial_mIoU")
     before = f"; before training {before:.2f}" if before is not None else ""
     print(f"done: val mIoU {summary['final_mIoU']:.2f} (best {summary['best_mIoU']:.2f} at epoch "

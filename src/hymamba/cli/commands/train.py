@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from hymamba.cli.commands._common import none_or
 
@@ -74,11 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_training(args: argparse.Namespace, config_cls: type, config_for_resume: Callable, train: Callable,
-                 command: str) -> Optional[dict]:
+                 command: str) -> Tuple[Optional[dict], int]:
     """Build the config (defaults < --config < flags, or the resumed run's with flags on top), train,
-    and report an interrupted run. Returns the summary on the main process of a finished run, else
-    None (then :func:`training_exit` gives the status)."""
-    from hymamba.engine import load_train_state
+    and report an interrupted run. Returns ``(summary, exit status)``; the summary only on the main
+    process of a finished run (the caller prints it), else None."""
+    from hymamba.engine import INTERRUPTED_EXIT, load_train_state
 
     overrides = {k: v for k, v in vars(args).items() if k in config_cls.fields()}
     if args.resume:
@@ -87,29 +87,22 @@ def run_training(args: argparse.Namespace, config_cls: type, config_for_resume: 
     else:
         state, cfg = None, config_cls.build(args.config, overrides)
     summary = train(cfg, resume=state)
-    args._interrupted = bool(summary["interrupted"])
+    status = INTERRUPTED_EXIT if summary["interrupted"] else 0
     if int(os.environ.get("RANK", "0")) != 0:
-        return None
+        return None, status
     if summary["interrupted"]:
         print(f"stopped after {summary['epochs']} complete epoch(s); resume with: hymamba {command} --resume "
               f"{summary['output']}", file=sys.stderr)
-        return None
-    return summary
-
-
-def training_exit(args: argparse.Namespace) -> int:
-    """The exit status of a run that :func:`run_training` did not report as finished."""
-    from hymamba.engine import INTERRUPTED_EXIT
-
-    return INTERRUPTED_EXIT if getattr(args, "_interrupted", False) else 0
+        return None, status
+    return summary, status
 
 
 def run(args: argparse.Namespace) -> int:
     from hymamba.tasks.classification import ClassificationConfig, config_for_resume, train
 
-    summary = run_training(args, ClassificationConfig, config_for_resume, train, "train")
+    summary, status = run_training(args, ClassificationConfig, config_for_resume, train, "train")
     if summary is None:
-        return training_exit(args)
+        return status
     print(f"done: val top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
           f"{summary['best_epoch']}) after {summary['epochs']} epochs in {summary['wall_seconds']:.0f} s; "
           f"{summary['skipped_images']} unreadable image(s) skipped; weights: {summary['output']}/model.safetensors")
