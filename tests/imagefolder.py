@@ -91,3 +91,28 @@ def wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 3
             raise AssertionError(f"training ended early: {proc.communicate()[1][-2000:]}")
         time.sleep(0.01)
     raise AssertionError("training too slow")
+
+
+def killed_and_uninterrupted(command: Sequence[str], flags: Sequence[str], root: Path) -> tuple:
+    """Train ``command`` (e.g. ``("segment", "train")``) with ``flags`` twice: once uninterrupted,
+    once SIGKILLed after its first epoch's metrics row and resumed with ``--resume``. Returns the two
+    runs' ``metrics.csv`` rows ``(resumed, uninterrupted)``."""
+    import csv
+    import signal
+
+    def rows(path: Path) -> list:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    ref = root / "uninterrupted"
+    done = run_cli(*command, *flags, "--output", str(ref))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = root / "killed"
+    proc = popen_cli(*command, *flags, "--output", str(out))
+    wait_for_rows(out / "metrics.csv", 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    resumed = run_cli(*command, "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return rows(out / "metrics.csv"), rows(ref / "metrics.csv")

@@ -306,3 +306,51 @@ def test_flip_moves_boxes_with_masks(train: DigitObjects) -> None:
         for box, mask in zip(y["boxes"].tolist(), y["masks"].numpy()):
             assert box == tight_box(mask)
     assert flips == {True, False}
+
+
+def test_crop_keeps_boxes_masks_and_areas_consistent(train: DigitObjects) -> None:
+    image, target = train.load_raw(1)
+    h, w = image.shape[:2]
+    crop = DetTrainTransform(0.0, crop_prob=1.0, crop_range=(0.5, 0.8))
+    sizes, dropped = set(), 0
+    for seed in range(40):
+        out, t = crop(image, target, np.random.default_rng(seed))
+        ch, cw = out.shape[:2]
+        assert round(0.5 * SIZE) <= ch <= round(0.8 * SIZE) and round(0.5 * SIZE) <= cw <= round(0.8 * SIZE)
+        sizes.add((ch, cw))
+        # the crop is a window of the image: find it through one instance's mask or by search
+        y0, x0 = next((y, x) for y in range(h - ch + 1) for x in range(w - cw + 1)
+                      if np.array_equal(image[y:y + ch, x:x + cw], out))
+        assert t["masks"].shape == (len(t["labels"]), ch, cw) and t["boxes"].dtype == np.float32
+        for box, mask, area in zip(t["boxes"], t["masks"], t["area"]):
+            # the ink of a cropped digit lies inside its clipped box and its area is the pixels left
+            ys, xs = np.nonzero(mask)
+            assert box[0] <= xs.min() and xs.max() + 1 <= box[2] and box[1] <= ys.min() and ys.max() + 1 <= box[3]
+            assert 0 <= box[0] < box[2] <= cw and 0 <= box[1] < box[3] <= ch and area == mask.sum() > 0
+        # every instance with ink inside the window is kept, with its label
+        inside = [k for k, m in enumerate(target["masks"]) if m[y0:y0 + ch, x0:x0 + cw].any()]
+        assert t["labels"].tolist() == target["labels"][inside].tolist()
+        dropped += len(target["labels"]) - len(inside)
+    assert len(sizes) > 10 and dropped > 0  # the draws vary and some crops cut digits away
+    # sides are capped at the image's and the generator alone decides the crop
+    full, _ = DetTrainTransform(0.0, crop_prob=1.0, crop_range=(1.5, 2.0))(image, target, np.random.default_rng(0))
+    assert full.shape == image.shape
+    a, _ = crop(image, target, np.random.default_rng(5))
+    b, _ = crop(image, target, np.random.default_rng(5))
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="crop_range"):
+        DetTrainTransform(crop_range=(0.9, 0.5))
+
+
+def test_crop_through_the_data_set_and_the_config() -> None:
+    ds = DigitObjects("train", SIZE, n=4, transform=DetTrainTransform(0.0, crop_prob=1.0), seed=2)
+    x, y, _ = ds[0]
+    assert x.shape[-2:] == y["masks"].shape[-2:] and x.shape[-1] <= SIZE
+    from hymamba.tasks.detection import build_config
+
+    cfg = build_config(overrides={"crop_prob": 0.5, "crop_range": (0.6, 1.0)})
+    cfg.check()
+    from hymamba.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="crop_prob"):
+        build_config(overrides={"crop_prob": 2.0}).check()

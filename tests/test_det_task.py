@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from imagefolder import run_cli
+from imagefolder import cli_env, killed_and_uninterrupted, run_cli
 
 from hymamba.errors import ConfigError
 from hymamba.tasks.detection import build_config
@@ -76,8 +78,8 @@ def test_train_on_a_coco_format_folder(tmp_path: Path) -> None:
     write_coco(DigitObjects("train", 128, n=8), data / "train")
     write_coco(DigitObjects("val", 128, n=4), data / "val")
     out = tmp_path / "run"
-    proc = run_cli("detect", "train", str(data), *SMALL, "--detector", "fasterrcnn", "--epochs", "1", "--workers",
-                   "0", "--output", str(out))
+    proc = run_cli("detect", "train", str(data), *SMALL, "--detector", "fasterrcnn", "--epochs", "1", "--crop-prob",
+                   "0.5", "--workers", "0", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_images"] == 4 and summary["final_mask_AP"] is None  # boxes only
@@ -98,3 +100,39 @@ def test_multi_scale_sizes_and_defaults() -> None:
     default = build_config()
     assert (default.opt, default.sched, default.weight_decay, default.milestones) == ("adamw", "multistep", 0.05,
                                                                                       (0.75, 0.9167))
+
+
+# ----------------------------------------------------------------------------------------------
+# resume after SIGKILL, and two processes
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Multi-scale sizes, RPN / RoI sampling and the step schedule all draw or count across the kill."""
+    flags = (*SMALL, "--epochs", "3", "--no-eval-first", "--train-sizes", "96", "160")
+    got, want = killed_and_uninterrupted(("detect", "train"), flags, tmp_path)
+    assert len(got) == len(want) == 3
+    # the 3x step schedule scaled to 3 epochs: x0.1 once 0.75 of the steps are done (timm's MultiStep
+    # counts one update early), then again at 0.9167
+    assert float(want[0]["lr"]) == pytest.approx(1e-3, rel=1e-5)
+    assert float(want[2]["lr"]) < float(want[0]["lr"])
+    for g, w in zip(got, want):
+        for key in ("train_loss", "AP", "AP50", "mask_AP", "lr"):
+            assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-4, abs=1e-5), (key, g, w)
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "hymamba.cli", "detect", "train", *SMALL, "--epochs", "1", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 8 and summary["ranks_in_sync"] is True
+    assert summary["train_images_per_epoch"] == 8
+    # the detections gathered from the two shards score as one process scoring the whole split
+    ev = run_cli("detect", "eval", str(out), "--max-samples", "4", "--json")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    res = json.loads(ev.stdout)
+    assert res["images"] == summary["val_images"] == 4
+    assert res["bbox"]["AP"] == pytest.approx(summary["final_AP"], abs=1e-6)
+    assert res["segm"]["AP"] == pytest.approx(summary["final_mask_AP"], abs=1e-6)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from imagefolder import cli_env, popen_cli, run_cli, wait_for_rows
+from imagefolder import cli_env, killed_and_uninterrupted, run_cli
 from PIL import Image
 
 from hymamba.cli import main
@@ -223,18 +222,7 @@ def test_clear_errors(fixtures: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    flags = (*SMALL, "--epochs", "3", "--no-eval-first")
-    ref = tmp_path / "ref"
-    assert run_cli("segment", "train", *flags, "--output", str(ref)).returncode == 0
-    out = tmp_path / "killed"
-    proc = popen_cli("segment", "train", *flags, "--output", str(out))
-    wait_for_rows(out / "metrics.csv", 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()
-    resumed = run_cli("segment", "train", "--resume", str(out))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got, want = _rows(out / "metrics.csv"), _rows(ref / "metrics.csv")
+    got, want = killed_and_uninterrupted(("segment", "train"), (*SMALL, "--epochs", "3", "--no-eval-first"), tmp_path)
     assert len(got) == len(want) == 3
     # the official poly schedule (power 1): linear from the peak (4e-3) to 0 at the last step
     assert [float(r["lr"]) for r in want] == pytest.approx([4e-3 * 2 / 3, 4e-3 / 3, 0.0], rel=1e-5, abs=1e-9)  # csv: 6 digits

@@ -14,13 +14,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from hymamba.apps.segment import image_files, read_images
-from hymamba.data.detection import collate_detection
+from hymamba.data.detection import collate_detection, open_detection_split
+from hymamba.data.images import image_files, read_images
 from hymamba.data.segmentation import spread_subset
 from hymamba.errors import ConfigError, DataError
 from hymamba.factory import load_trained_detector
 from hymamba.tasks.detection.evaluation import evaluate_detector
-from hymamba.tasks.detection.task import open_detection_split
 from hymamba.utils.amp import amp_dtype as resolve_amp_dtype
 from hymamba.utils.amp import autocast, resolve_device
 from hymamba.utils.io import atomic_write, write_json_atomic

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hymamba.data.images import IMG_EXTENSIONS, UNREADABLE, load_image
 from hymamba.data.seg_transforms import ADE_MEAN, ADE_STD, SegEvalTransform, collate_segmentation
 from hymamba.data.segmentation import open_split, spread_subset
+from hymamba.data.images import image_files, read_images
 from hymamba.errors import ConfigError, DataError
 from hymamba.factory import load_trained_segmenter
 from hymamba.models.segmenters import SEGMENTERS
@@ -30,8 +30,7 @@ from hymamba.utils.amp import amp_dtype as resolve_amp_dtype
 from hymamba.utils.amp import autocast, resolve_device
 from hymamba.utils.io import atomic_write
 
-__all__ = ["SegmentationSettings", "evaluate", "export", "image_files", "palette_for", "predict", "read_images",
-           "settings_from"]
+__all__ = ["SegmentationSettings", "evaluate", "export", "palette_for", "predict", "settings_from"]
 
 logger = logging.getLogger("hymamba")
 
@@ -153,46 +152,6 @@ def evaluate(checkpoint: str | os.PathLike, data: str = "digitscenes", *, model_
 
 # ----------------------------------------------------------------------------------------------
 # predict
-
-
-def image_files(inputs: Sequence[str | os.PathLike]) -> List[Tuple[Path, Path]]:
-    """``(image, output name without suffix)`` for files and folders (searched recursively, sorted);
-    names keep a folder's relative paths and are made unique."""
-    found: List[Tuple[Path, Path]] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-            if not files:
-                logger.warning("%s holds no images (%s)", p, ", ".join(IMG_EXTENSIONS))
-            found.extend((f, f.relative_to(p).with_suffix("")) for f in files)
-        elif p.is_file():
-            found.append((p, Path(p.stem)))
-        else:
-            raise DataError(f"not found: {p} (give image files or folders of images)")
-    seen: Dict[str, int] = {}
-    out = []
-    for path, name in found:
-        key = str(name)
-        if key in seen:
-            seen[key] += 1
-            name = name.with_name(f"{name.name}_{seen[key]}")
-        else:
-            seen[key] = 0
-        out.append((path, name))
-    return out
-
-
-def read_images(files: Sequence[Tuple[Path, Path]], results: List[Dict[str, Any]],
-                progress: Optional[Callable[[Iterator], Iterator]] = None) -> Iterator[Tuple[Path, Path, np.ndarray]]:
-    """``(path, output name, uint8 RGB array)`` of each readable file; every file gets an entry
-    ``{"image": path}`` appended to ``results`` (with ``error`` for an unreadable one, which is skipped)."""
-    for path, name in (files if progress is None else progress(iter(files))):
-        results.append({"image": str(path)})
-        try:
-            yield path, name, np.asarray(load_image(path))
-        except UNREADABLE as e:
-            results[-1]["error"] = f"{type(e).__name__}: {e}"
 
 
 def _save_png(image: Image.Image, path: Path) -> None:

@@ -18,8 +18,8 @@ warning); ``coco_gt``, the ground truth for COCO evaluation, keeps every annotat
 
 A transform gets ``(uint8 RGB (H, W, 3) array, target dict of numpy arrays, numpy Generator)``,
 the generator seeded from ``(seed, epoch, index)``, and returns the same kinds
-(:class:`DetTrainTransform`: a horizontal flip). Resizing is left to the model: torchvision's
-detectors resize internally (``min_size`` / ``max_size``; a tuple ``min_size`` trains at several
+(:class:`DetTrainTransform`: a horizontal flip and the official recipe's DETR-style crop). Resizing is
+left to the model: torchvision's detectors resize internally (``min_size`` / ``max_size``; a tuple ``min_size`` trains at several
 scales). As for the other data sets, an unreadable image never stops a job: ``(None, None, [path
 (reason)])``, or the next readable image with ``substitute_bad=True``;
 :func:`collate_detection` leaves such samples out.
@@ -41,7 +41,8 @@ from hymamba.data.images import UNREADABLE, load_image, read_or_substitute
 from hymamba.errors import DataError
 from hymamba.utils.io import atomic_write, write_json_atomic
 
-__all__ = ["CocoDetection", "DetTrainTransform", "DigitObjects", "collate_detection", "write_coco"]
+__all__ = ["CocoDetection", "DIGIT_OBJECTS_NAME", "DetTrainTransform", "DigitObjects", "collate_detection",
+           "open_detection_split", "write_coco"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,23 +72,72 @@ def _empty_target(h: int, w: int) -> NpTarget:
 
 
 class DetTrainTransform:
-    """Training augmentation: a horizontal flip of the image, its boxes and masks (``flip_prob``)."""
+    """Training augmentation, the official recipe's up to the resize (which torchvision's detectors do):
+    a horizontal flip (``flip_prob``), then, with ``crop_prob``, a DETR-style random crop.
 
-    def __init__(self, flip_prob: float = 0.5) -> None:
-        self.flip_prob = float(flip_prob)
+    The official configs (mmdet, as Swin's) pick, half of the time, a resize of the short side to
+    400/500/600 followed by a crop of 384-600 pixels per side (mmdet ``RandomCrop``,
+    ``absolute_range``, negative crops allowed), then the multi-scale resize. Here the crop is given
+    relative to the image's short side, ``crop_range`` = (low, high): each side of the crop is drawn
+    uniformly in ``[low * S, high * S]`` pixels (S the short side), capped at that side of the image;
+    (0.75, 1.2) is the official range at the middle size (384 / 500 ... 600 / 500). Boxes are clipped
+    to the crop; an instance whose clipped box is under 1 px wide or high, or whose mask is left
+    empty, is dropped (a crop may hold no instance at all); ``area`` is recounted from the mask.
+    """
+
+    def __init__(self, flip_prob: float = 0.5, crop_prob: float = 0.0,
+                 crop_range: Tuple[float, float] = (0.75, 1.2)) -> None:
+        self.flip_prob, self.crop_prob = float(flip_prob), float(crop_prob)
+        self.crop_range = (float(crop_range[0]), float(crop_range[1]))
+        if not 0 < self.crop_range[0] <= self.crop_range[1]:
+            raise ValueError(f"crop_range must be 0 < low <= high (fractions of the short side), got {crop_range}")
 
     def __call__(self, image: np.ndarray, target: NpTarget, rng: np.random.Generator) -> Tuple[np.ndarray, NpTarget]:
-        if rng.random() >= self.flip_prob:
-            return image, target
-        w = image.shape[1]
-        out = dict(target)
-        boxes = np.asarray(target["boxes"], np.float32).reshape(-1, 4)
-        out["boxes"] = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1).astype(np.float32)
-        out["masks"] = np.ascontiguousarray(np.asarray(target["masks"])[:, :, ::-1])
-        return np.ascontiguousarray(image[:, ::-1]), out
+        if rng.random() < self.flip_prob:
+            image, target = _hflip(image, target)
+        if self.crop_prob > 0 and rng.random() < self.crop_prob:
+            image, target = self.crop(image, target, rng)
+        return image, target
+
+    def crop(self, image: np.ndarray, target: NpTarget, rng: np.random.Generator) -> Tuple[np.ndarray, NpTarget]:
+        """A random crop (see the class docstring) of the image, its boxes and masks."""
+        h, w = image.shape[:2]
+        short = min(h, w)
+
+        def side(full: int) -> int:
+            lo = min(full, max(1, round(self.crop_range[0] * short)))
+            hi = min(full, max(1, round(self.crop_range[1] * short)))
+            return int(rng.integers(lo, hi + 1))
+
+        ch, cw = side(h), side(w)
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        boxes = np.asarray(target["boxes"], np.float32).reshape(-1, 4) - np.array([x0, y0, x0, y0], np.float32)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, cw)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, ch)
+        masks = np.asarray(target["masks"])[:, y0:y0 + ch, x0:x0 + cw]
+        keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        has_masks = masks.shape[0] == boxes.shape[0] and masks.shape[0] > 0
+        if has_masks:
+            keep &= masks.reshape(len(masks), -1).any(1)
+        out = {k: np.asarray(v)[keep] for k, v in target.items()}
+        out["boxes"] = boxes[keep]
+        out["masks"] = np.ascontiguousarray(masks[keep]) if has_masks else np.zeros((0, ch, cw), np.uint8)
+        if has_masks:
+            out["area"] = out["masks"].reshape(len(out["masks"]), -1).sum(1).astype(np.float32)
+        return np.ascontiguousarray(image[y0:y0 + ch, x0:x0 + cw]), out
 
     def __repr__(self) -> str:
-        return f"DetTrainTransform(flip_prob={self.flip_prob})"
+        return (f"DetTrainTransform(flip_prob={self.flip_prob}, crop_prob={self.crop_prob}, "
+                f"crop_range={self.crop_range})")
+
+
+def _hflip(image: np.ndarray, target: NpTarget) -> Tuple[np.ndarray, NpTarget]:
+    w = image.shape[1]
+    out = dict(target)
+    boxes = np.asarray(target["boxes"], np.float32).reshape(-1, 4)
+    out["boxes"] = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1).astype(np.float32)
+    out["masks"] = np.ascontiguousarray(np.asarray(target["masks"])[:, :, ::-1])
+    return np.ascontiguousarray(image[:, ::-1]), out
 
 
 def _to_tensors(image: np.ndarray, target: NpTarget, image_id: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
@@ -491,3 +541,34 @@ def collate_detection(samples: Sequence[DetSample]) -> Tuple[List[torch.Tensor],
     bad = [p for _, _, paths in samples for p in paths]
     good = [(x, y) for x, y, _ in samples if x is not None and y is not None]
     return [x for x, _ in good], [y for _, y in good], bad
+
+
+#: the built-in data set's name on the command line
+DIGIT_OBJECTS_NAME = "digitobjects"
+#: COCO's own layout: <root>/<split>/ images and <root>/annotations/instances_<split>.json
+_COCO_SPLITS = ("train2017", "val2017")
+
+
+def open_detection_split(data: str | os.PathLike, split: Optional[str], which: str, *, transform: Any = None,
+                         substitute_bad: bool = False, seed: int = 0, scene_size: int = 128) -> Tuple[Any, str]:
+    """A split of ``data`` and its kind (``"digitobjects"``, ``"coco"`` or ``"coco folder"``).
+
+    ``data``: ``"digitobjects"``; a COCO root (``train2017/``, ``val2017/``,
+    ``annotations/instances_<split>.json``); or a folder with one sub-folder per split, each holding
+    ``images/`` and ``annotations.json`` (what :func:`hymamba.data.detection.write_coco` writes).
+    """
+    if str(data) == DIGIT_OBJECTS_NAME:
+        return DigitObjects(split or which, scene_size, transform=transform, seed=seed), "digitobjects"
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}. Expected 'digitobjects', a COCO root (train2017/, val2017/, "
+                        "annotations/) or a folder with train/ and val/ each holding images/ + annotations.json")
+    if (root / "annotations").is_dir() and any((root / s).is_dir() for s in _COCO_SPLITS):
+        name = split or _COCO_SPLITS[0 if which == "train" else 1]
+        return CocoDetection(root / name, root / "annotations" / f"instances_{name}.json", transform=transform,
+                             substitute_bad=substitute_bad, seed=seed), "coco"
+    folder = root / (split or which)
+    if split is None and not folder.is_dir() and (root / "annotations.json").is_file():
+        folder = root  # a single split given directly
+    return CocoDetection(folder / "images", folder / "annotations.json", transform=transform,
+                         substitute_bad=substitute_bad, seed=seed), "coco folder"

@@ -20,16 +20,21 @@ long job over one file. Any other error a decoder raises on a corrupt file is re
 from __future__ import annotations
 
 import io
+import logging
 import os
 from functools import lru_cache
-from typing import Any, Callable, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from hymamba.errors import DataError
 
-__all__ = ["FORMATS", "IMG_EXTENSIONS", "UNREADABLE", "UnreadableImageError", "load_image", "read_or_substitute"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "IMG_EXTENSIONS", "UNREADABLE", "UnreadableImageError", "image_files", "load_image", "read_images",
+           "read_or_substitute"]
 
 #: file suffixes read as images (case-insensitive)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -209,3 +214,43 @@ def read_or_substitute(i: int, n: int, load: Callable[[int], Any], name: Callabl
             if not substitute_bad:
                 return None, None, bad
     raise DataError(f"no image of {where} could be read; first failures: {bad[:3]}")
+
+
+def image_files(inputs: Sequence[str | os.PathLike]) -> List[Tuple[Path, Path]]:
+    """``(image, output name without suffix)`` for files and folders (searched recursively, sorted);
+    names keep a folder's relative paths and are made unique."""
+    found: List[Tuple[Path, Path]] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            if not files:
+                logger.warning("%s holds no images (%s)", p, ", ".join(IMG_EXTENSIONS))
+            found.extend((f, f.relative_to(p).with_suffix("")) for f in files)
+        elif p.is_file():
+            found.append((p, Path(p.stem)))
+        else:
+            raise DataError(f"not found: {p} (give image files or folders of images)")
+    seen: Dict[str, int] = {}
+    out = []
+    for path, name in found:
+        key = str(name)
+        if key in seen:
+            seen[key] += 1
+            name = name.with_name(f"{name.name}_{seen[key]}")
+        else:
+            seen[key] = 0
+        out.append((path, name))
+    return out
+
+
+def read_images(files: Sequence[Tuple[Path, Path]], results: List[Dict[str, Any]],
+                progress: Optional[Callable[[Iterator], Iterator]] = None) -> Iterator[Tuple[Path, Path, np.ndarray]]:
+    """``(path, output name, uint8 RGB array)`` of each readable file; every file gets an entry
+    ``{"image": path}`` appended to ``results`` (with ``error`` for an unreadable one, which is skipped)."""
+    for path, name in (files if progress is None else progress(iter(files))):
+        results.append({"image": str(path)})
+        try:
+            yield path, name, np.asarray(load_image(path))
+        except UNREADABLE as e:
+            results[-1]["error"] = f"{type(e).__name__}: {e}"

@@ -54,6 +54,9 @@ class DetectionConfig(DenseConfig):
                                                      "(official: 480-800)")
     flip_prob: float = option(0.0, "horizontal flip probability (official: 0.5; off by default: a mirrored digit "
                                    "is another shape)")
+    crop_prob: float = option(0.0, "probability of the DETR-style random crop (official: 0.5)")
+    crop_range: Tuple[float, float] = option((0.75, 1.2), "crop sides as fractions of the short side (official: "
+                                                          "384-600 px after a 400-600 px resize = about 0.75-1.2)")
 
     # the recipe (official COCO 3x shape; see the module docstring)
     epochs: int = option(12, "epochs in total, cooldown included")
@@ -90,6 +93,9 @@ class DetectionConfig(DenseConfig):
                                                                f"{self.train_sizes}")
         need(self.frozen_stages >= -1, f"frozen_stages must be -1 (nothing) or a level index, got {self.frozen_stages}")
         need(0 <= self.flip_prob <= 1, f"flip_prob is a probability in [0, 1], got {self.flip_prob}")
+        need(0 <= self.crop_prob <= 1, f"crop_prob is a probability in [0, 1], got {self.crop_prob}")
+        need(0 < self.crop_range[0] <= self.crop_range[1], f"crop_range must be 0 < low <= high (fractions of the "
+                                                           f"short side), got {self.crop_range}")
 
 
 #: shorthand (the detection config is what ``hymamba detect train`` reads)

@@ -5,53 +5,23 @@ COCO itself or the built-in digit objects."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from hymamba.data.datasets import warn_unreadable
-from hymamba.data.detection import CocoDetection, DetTrainTransform, DigitObjects, collate_detection
+from hymamba.data.detection import DetTrainTransform, collate_detection, open_detection_split
 from hymamba.data.samplers import ShardSampler
 from hymamba.data.segmentation import spread_subset
 from hymamba.errors import DataError
 from hymamba.models.detection import build_detector
 from hymamba.tasks.dense.task import DenseTask
-from hymamba.tasks.detection.config import DIGIT_OBJECTS, DetectionConfig
+from hymamba.tasks.detection.config import DetectionConfig
 from hymamba.tasks.detection.evaluation import evaluate_detector
 from hymamba.utils.distributed import Dist
 
-__all__ = ["DetectionTask", "open_detection_split"]
-
-#: COCO's own layout: <root>/<split>/ images and <root>/annotations/instances_<split>.json
-_COCO_SPLITS = ("train2017", "val2017")
-
-
-def open_detection_split(data: str, split: Optional[str], which: str, *, transform: Any = None,
-                         substitute_bad: bool = False, seed: int = 0, scene_size: int = 128) -> Tuple[Any, str]:
-    """A split of ``data`` and its kind (``"digitobjects"``, ``"coco"`` or ``"coco folder"``).
-
-    ``data``: ``"digitobjects"``; a COCO root (``train2017/``, ``val2017/``,
-    ``annotations/instances_<split>.json``); or a folder with one sub-folder per split, each holding
-    ``images/`` and ``annotations.json`` (what :func:`hymamba.data.detection.write_coco` writes).
-    """
-    if data == DIGIT_OBJECTS:
-        return DigitObjects(split or which, scene_size, transform=transform, seed=seed), "digitobjects"
-    root = Path(data).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}. Expected 'digitobjects', a COCO root (train2017/, val2017/, "
-                        "annotations/) or a folder with train/ and val/ each holding images/ + annotations.json")
-    if (root / "annotations").is_dir() and any((root / s).is_dir() for s in _COCO_SPLITS):
-        name = split or _COCO_SPLITS[0 if which == "train" else 1]
-        return CocoDetection(root / name, root / "annotations" / f"instances_{name}.json", transform=transform,
-                             substitute_bad=substitute_bad, seed=seed), "coco"
-    folder = root / (split or which)
-    if split is None and not folder.is_dir() and (root / "annotations.json").is_file():
-        folder = root  # a single split given directly
-    return CocoDetection(folder / "images", folder / "annotations.json", transform=transform,
-                         substitute_bad=substitute_bad, seed=seed), "coco folder"
-
+__all__ = ["DetectionTask"]
 
 def _coco_subset(dataset: Any, limit: Optional[int]) -> Tuple[Any, Dict[str, Any]]:
     """``limit`` images spread over ``dataset`` and the ground truth restricted to them."""
@@ -79,7 +49,8 @@ class DetectionTask(DenseTask):
         cfg = self.config
         self.dist = dist
         train_ds, self.data_kind = open_detection_split(
-            cfg.data, cfg.train_split, "train", transform=DetTrainTransform(flip_prob=cfg.flip_prob),
+            cfg.data, cfg.train_split, "train",
+            transform=DetTrainTransform(cfg.flip_prob, cfg.crop_prob, cfg.crop_range),
             substitute_bad=True, seed=cfg.seed, scene_size=cfg.scene_size)
         val_ds, _ = open_detection_split(cfg.data, cfg.val_split, "val", scene_size=cfg.scene_size)
         self.class_names: List[str] = list(train_ds.classes)
@@ -177,7 +148,7 @@ class DetectionTask(DenseTask):
             f"{self.init_note}",
             f"data {data}: {len(self.train_ds)} train / {len(self.val_ds)} val images, {len(self.class_names)} "
             f"classes; train short sides {', '.join(map(str, cfg.train_min_sizes()))}, test {cfg.min_size} "
-            f"(long side <= {cfg.max_size}), flip {cfg.flip_prob:g}",
+            f"(long side <= {cfg.max_size}), flip {cfg.flip_prob:g}, crop {cfg.crop_prob:g}",
             f"recipe: torchvision's losses (RPN + box{' + mask' if cfg.detector == 'maskrcnn' else ''}), "
             f"{cfg.sched} at {cfg.milestones[0]:g}/{cfg.milestones[1]:g} of the epochs, drop path {cfg.drop_path:g}",
         ]
