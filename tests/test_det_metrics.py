@@ -259,3 +259,22 @@ def test_bad_input() -> None:
     with pytest.raises(ConfigError):
         CocoEvaluator(gt, iou_types=("keypoints",))
     assert ev.results == {}  # nothing half-added
+
+
+def test_coco_results_hold_one_entry_per_detection() -> None:
+    gt = _gt()
+    ev = CocoEvaluator(gt)
+    ev.update([2, 1], [_out([_det(C, 1, 0.9), _det((50, 50, 10, 10), 2, 0.3)]), _perfect(gt, 1)])
+    results = ev.coco_results()
+    assert [r["image_id"] for r in results] == [1, 1, 2, 2]  # images in id order, detections as the model gave them
+    assert [r["category_id"] for r in results[2:]] == [1, 2]
+    assert [r["score"] for r in results[2:]] == pytest.approx([0.9, 0.3])
+    assert results[2]["bbox"] == [float(v) for v in C]
+    for r in results:  # the box and the mask of one detection stay together
+        decoded = mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()})
+        x, y, w, h = mask_utils.toBbox(r["segmentation"]).tolist()
+        assert [x, y, w, h] == r["bbox"] and decoded.sum() == w * h
+    boxes_only = CocoEvaluator(gt, iou_types=("bbox",))
+    boxes_only.update([2], [_out([_det(C, 1, 0.9)])])
+    assert boxes_only.coco_results() == [{"image_id": 2, "category_id": 1, "bbox": [4.0, 4.0, 40.0, 40.0],
+                                          "score": pytest.approx(0.9)}]

@@ -3,7 +3,9 @@ built-in digit objects and on a COCO-format folder written to disk, its files, i
 before and after, resume, and the config's checks."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -75,8 +77,14 @@ def test_train_on_a_coco_format_folder(tmp_path: Path) -> None:
     from hymamba.data.detection import DigitObjects, write_coco
 
     data = tmp_path / "coco"
-    write_coco(DigitObjects("train", 128, n=8), data / "train")
-    write_coco(DigitObjects("val", 128, n=4), data / "val")
+    for split, n in (("train", 8), ("val", 4)):
+        ann = write_coco(DigitObjects(split, 128, n=n), data / split)
+        doc = json.loads(ann.read_text())  # COCO-like sparse category ids: 10, 20, ..., 100
+        for c in doc["categories"]:
+            c["id"] *= 10
+        for a in doc["annotations"]:
+            a["category_id"] *= 10
+        ann.write_text(json.dumps(doc))
     out = tmp_path / "run"
     proc = run_cli("detect", "train", str(data), *SMALL, "--detector", "fasterrcnn", "--epochs", "1", "--crop-prob",
                    "0.5", "--workers", "0", "--output", str(out))
@@ -84,10 +92,29 @@ def test_train_on_a_coco_format_folder(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_images"] == 4 and summary["final_mask_AP"] is None  # boxes only
     assert json.loads((out / "model.json").read_text())["data"] == "coco folder"
+    # detect eval --results: COCO's results format with the file's own ids, which pycocotools
+    # scores against the annotation file to the AP the command reports
+    results = tmp_path / "results.json"
+    ev = run_cli("detect", "eval", str(out), str(data), "--results", str(results), "--json")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    res = json.loads(ev.stdout)
+    dets = json.loads(results.read_text())
+    assert len(dets) == res["detections"] and res["results_file"] == str(results)
+    assert dets and {d["category_id"] for d in dets} <= set(range(10, 101, 10))
+    assert all(len(d["bbox"]) == 4 and "segmentation" not in d for d in dets)
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(data / "val" / "annotations.json"))
+        coco_eval = COCOeval(gt, gt.loadRes(str(results)), "bbox")
+        coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()
+    assert 100 * coco_eval.stats[0] == pytest.approx(res["bbox"]["AP"], abs=1e-9)
 
 
 @pytest.mark.parametrize("bad", [dict(detector="yolo"), dict(min_size=16), dict(train_sizes=(200, 100)),
                                  dict(milestones=(0.9, 0.5)), dict(fpn_channels=2), dict(frozen_stages=-2),
+                                 dict(train_size_step=0), dict(crop_range=(0.9, 0.5)),
                                  dict(backbone="nope"), dict(backbone_checkpoint="/no/such.pth")])
 def test_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ConfigError):
@@ -95,8 +122,10 @@ def test_config_rejects_bad_values(bad: dict) -> None:
 
 
 def test_multi_scale_sizes_and_defaults() -> None:
-    cfg = build_config(overrides={"train_sizes": (480, 800)})
-    assert cfg.train_min_sizes() == (480, 526, 571, 617, 663, 709, 754, 800)
+    cfg = build_config(overrides={"train_sizes": (480, 800), "train_size_step": 32})
+    assert cfg.train_min_sizes() == (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)  # the official 11
+    assert build_config(overrides={"train_sizes": (96, 150)}).train_min_sizes() == (96, 104, 112, 120, 128, 136,
+                                                                                     144, 150)
     default = build_config()
     assert (default.opt, default.sched, default.weight_decay, default.milestones) == ("adamw", "multistep", 0.05,
                                                                                       (0.75, 0.9167))
@@ -136,3 +165,23 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert res["images"] == summary["val_images"] == 4
     assert res["bbox"]["AP"] == pytest.approx(summary["final_AP"], abs=1e-6)
     assert res["segm"]["AP"] == pytest.approx(summary["final_mask_AP"], abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["t", "s", "b"])
+def test_coco_recipes_match_the_official_configs(variant: str) -> None:
+    """configs/maskrcnn_mambavision_*_coco.yaml: the official 3x COCO recipe on the official detector layout."""
+    from hymamba.models.detectors import DETECTORS
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"maskrcnn_mambavision_{variant}_coco.yaml"
+    cfg = build_config(str(path), {"data": "/data/coco", "pretrained": False})
+    cfg.check()
+    spec = DETECTORS[f"maskrcnn_mambavision_{variant}"]
+    assert (cfg.detector, cfg.backbone, tuple(cfg.window_size)) == (spec.kind, spec.backbone, spec.window_size)
+    assert (cfg.fpn_channels, cfg.min_size, cfg.max_size) == (spec.fpn_channels, spec.min_size, spec.max_size)
+    assert cfg.head_channels == 0 and (cfg.rpn_batch_size, cfg.rois_per_image) == (256, 512)  # mmdet's samplers
+    assert cfg.train_min_sizes() == tuple(range(480, 801, 32)) and (cfg.flip_prob, cfg.crop_prob) == (0.5, 0.5)
+    assert (cfg.opt, cfg.lr, cfg.weight_decay, cfg.epochs) == (spec.optimizer, spec.lr, spec.weight_decay, spec.epochs)
+    assert cfg.sched == "multistep" and [round(m * cfg.epochs) for m in cfg.milestones] == [27, 33]
+    # 1,000 warm-up iterations of 16 images over COCO train2017's 118,287, from 0.001 x lr
+    assert cfg.batch_size * 8 == 16 and cfg.warmup_epochs == pytest.approx(1000 * 16 / 118_287, abs=0.001)
+    assert cfg.warmup_lr == pytest.approx(cfg.lr * 1e-3) and cfg.drop_path == 0.2 and cfg.amp

@@ -36,13 +36,16 @@ def _load(checkpoint: str | os.PathLike, use_ema: bool, device: str, scan_impl: 
 def evaluate(checkpoint: str | os.PathLike, data: str = "digitobjects", *, split: Optional[str] = None,
              size: Optional[int] = None, batch_size: int = 4, workers: Optional[int] = None,
              max_samples: Optional[int] = None, amp: bool = False, use_ema: bool = False, device: str = "auto",
-             scan_impl: str = "auto") -> Dict[str, Any]:
+             scan_impl: str = "auto", results_file: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
     """COCO box (and mask) AP, AP50, AP75, APs/m/l of a trained detector on a split of ``data``
     (``"digitobjects"``, a COCO root or a COCO-format folder; default: the validation split), at test
-    short side ``size`` (default: the run's)."""
+    short side ``size`` (default: the run's). ``results_file``: also write the detections there in
+    COCO's results format (one entry per detection with ``bbox`` ``[x, y, w, h]``, ``score`` and, for
+    Mask R-CNN, an RLE ``segmentation``; ``category_id`` and ``image_id`` as in the annotation file)."""
     model, meta, dev = _load(checkpoint, use_ema, device, scan_impl)
     dataset, kind = open_detection_split(data, split, "val", scene_size=int(meta.get("scene_size") or 128))
     gt = dataset.coco_gt
+    category_ids = getattr(dataset, "cat_ids", None)  # COCO files: the original (non-contiguous) ids
     if max_samples is not None:
         if max_samples < 1:
             raise ConfigError(f"max_samples must be at least 1, got {max_samples}")
@@ -58,7 +61,13 @@ def evaluate(checkpoint: str | os.PathLike, data: str = "digitobjects", *, split
     test_size = int(size or (meta.get("detector_kwargs") or {}).get("min_size") or 800)
     skipped: set = set()
     res = evaluate_detector(model, loader, gt, test_size=test_size, device=dev, amp_dtype=resolve_amp_dtype(dev, amp),
-                            skipped=skipped)
+                            skipped=skipped, keep_results=results_file is not None)
+    if results_file is not None:
+        results = res.pop("results")
+        if category_ids is not None:
+            results = [{**r, "category_id": int(category_ids[r["category_id"] - 1])} for r in results]
+        write_json_atomic(Path(results_file), results)
+        res["results_file"] = str(results_file)
     return {"model": meta.get("model"), "checkpoint": str(checkpoint), "data": str(data), "kind": kind,
             "test_size": test_size, "skipped_images": len(skipped), **res}
 

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-samples", type=positive_int, default=None, help="score only this many images")
     e.add_argument("--batch-size", type=positive_int, default=4, help="images per batch (default: 4)")
     e.add_argument("--workers", type=non_negative_int, default=None, help="data-loading processes")
+    e.add_argument("--results", default=None, metavar="FILE", help="also write the detections to FILE in COCO's "
+                   "results format (bbox [x, y, w, h], score, RLE segmentation; the annotation file's ids)")
     e.add_argument("--json", action="store_true", help="print JSON")
     r = sub.add_parser("predict", help="detections (JSON) and drawn images for image files and folders",
                        description="Detect objects in image files and folders (recursively): OUT/detections.json "
@@ -99,7 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
     from hymamba.apps.detect import evaluate
 
     res = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, workers=args.workers,
-                   max_samples=args.max_samples, **_common(args))
+                   max_samples=args.max_samples, results_file=args.results, **_common(args))
     if args.json:
         res = {k: v for k, v in res.items() if k != "summary"}
         print(json.dumps(without_nan(res), indent=2))
@@ -110,6 +112,8 @@ def _eval(args: argparse.Namespace) -> int:
         if kind in res:
             print(f"{'box ' if kind == 'bbox' else 'mask'}  " + "  ".join(
                 f"{k} {'-' if math.isnan(v) else f'{v:.2f}'}" for k, v in res[kind].items()))
+    if args.results:
+        print(f"detections in COCO's results format: {args.results}")
     return 0
 
 

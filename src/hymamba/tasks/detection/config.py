@@ -50,8 +50,10 @@ class DetectionConfig(DenseConfig):
     # sizes and augmentation (torchvision's detectors resize inside the model)
     min_size: int = option(128, "test-time short side (official: 800)")
     max_size: int = option(213, "long side at most (official: 1333)")
-    train_sizes: Tuple[int, int] = option((96, 160), "multi-scale training: short sides from MIN to MAX in 8 steps "
-                                                     "(official: 480-800)")
+    train_sizes: Tuple[int, int] = option((96, 160), "multi-scale training: short sides from MIN to MAX (official: "
+                                                     "480-800)")
+    train_size_step: int = option(8, "multi-scale training: short sides MIN, MIN + STEP, ... (MAX always; "
+                                     "official: 32, the 11 sizes 480, 512, ..., 800)")
     flip_prob: float = option(0.0, "horizontal flip probability (official: 0.5; off by default: a mirrored digit "
                                    "is another shape)")
     crop_prob: float = option(0.0, "probability of the DETR-style random crop (official: 0.5)")
@@ -73,9 +75,10 @@ class DetectionConfig(DenseConfig):
     eval_first: bool = option(True, "evaluate once before training (the AP 'before')")
 
     def train_min_sizes(self) -> Tuple[int, ...]:
-        """The short sides multi-scale training picks from (8 steps from TRAIN_SIZES[0] to [1])."""
+        """The short sides multi-scale training picks from, one per image: TRAIN_SIZES[0] to [1] in
+        steps of TRAIN_SIZE_STEP (the largest always included)."""
         lo, hi = self.train_sizes
-        return tuple(sorted({round(lo + (hi - lo) * i / 7) for i in range(8)}))
+        return tuple(sorted({*range(lo, hi + 1, self.train_size_step), hi}))
 
     def check(self) -> None:
         """Reject impossible settings before any work starts (ConfigError saying what to do)."""
@@ -91,6 +94,7 @@ class DetectionConfig(DenseConfig):
                                                    f"{self.max_size}")
         need(32 <= self.train_sizes[0] <= self.train_sizes[1], f"train_sizes must be 32 <= min <= max, got "
                                                                f"{self.train_sizes}")
+        need(self.train_size_step >= 1, f"train_size_step must be at least 1 pixel, got {self.train_size_step}")
         need(self.frozen_stages >= -1, f"frozen_stages must be -1 (nothing) or a level index, got {self.frozen_stages}")
         need(0 <= self.flip_prob <= 1, f"flip_prob is a probability in [0, 1], got {self.flip_prob}")
         need(0 <= self.crop_prob <= 1, f"crop_prob is a probability in [0, 1], got {self.crop_prob}")

@@ -24,12 +24,15 @@ def iou_types_of(model: nn.Module) -> Sequence[str]:
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, batches: Iterable[Any], coco_gt: Mapping[str, Any], *, test_size: int,
                       device: Optional[torch.device] = None, amp_dtype: Optional[torch.dtype] = None,
-                      dist: Optional[Dist] = None, skipped: Optional[set] = None) -> Dict[str, Any]:
+                      dist: Optional[Dist] = None, skipped: Optional[set] = None,
+                      keep_results: bool = False) -> Dict[str, Any]:
     """COCO metrics of ``model`` over ``batches`` of ``(images, targets, unreadable paths)``.
 
     The model runs in eval mode at one test scale (short side ``test_size``; torchvision's transform
     resizes inside the model and maps the outputs back to each image's own size). Returns
-    :meth:`CocoEvaluator.compute`'s dict plus ``"summary"`` (pycocotools' tables)."""
+    :meth:`CocoEvaluator.compute`'s dict plus ``"summary"`` (pycocotools' tables) and, with
+    ``keep_results``, ``"results"``: the detections in COCO's results format
+    (:meth:`CocoEvaluator.coco_results`, categories as in ``coco_gt``)."""
     device = device or next(model.parameters()).device
     skipped = set() if skipped is None else skipped
     evaluator = CocoEvaluator(coco_gt, iou_types=iou_types_of(model))
@@ -53,6 +56,8 @@ def evaluate_detector(model: nn.Module, batches: Iterable[Any], coco_gt: Mapping
     evaluator.gather(dist)
     res = evaluator.compute()
     res["summary"] = evaluator.summary_text()
+    if keep_results:
+        res["results"] = evaluator.coco_results()
     return res
 
 

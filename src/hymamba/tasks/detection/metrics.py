@@ -208,6 +208,21 @@ class CocoEvaluator:
         """Detections held (each image's output length, counted once per image)."""
         return sum(max((len(v) for v in r.values()), default=0) for r in self.results.values())
 
+    def coco_results(self) -> List[Dict[str, Any]]:
+        """The detections in COCO's results format, one entry per detection (images in id order):
+        ``image_id``, ``category_id`` (as in the ground truth given), ``bbox`` (``[x, y, w, h]``),
+        ``score`` and, with masks, ``segmentation`` (RLE, str counts), as detectron2 writes them."""
+        out: List[Dict[str, Any]] = []
+        for image_id in sorted(self.results):
+            found = self.results[image_id]
+            boxes, segms = found.get("bbox"), found.get("segm")
+            for k in range(len(boxes if boxes is not None else segms or [])):
+                entry = dict(boxes[k]) if boxes is not None else {}
+                if segms is not None:
+                    entry.update(segms[k])
+                out.append(entry)
+        return out
+
     def compute(self) -> Dict[str, Any]:
         """Run COCOeval over the updated images, per IoU type.
 
