@@ -40,7 +40,8 @@ NUM_CLASSES = 81  # COCO's 80 + background (torchvision's count)
 BASELINE = "maskrcnn_resnet50"
 
 
-def build_cases(convnext: bool, **sizes: int) -> dict[str, Callable[[], nn.Module]]:
+def build_cases(convnext: bool, windows: Sequence[int] | None = None,
+                **sizes: int) -> dict[str, Callable[[], nn.Module]]:
     import hymamba
 
     cases = {
@@ -49,6 +50,9 @@ def build_cases(convnext: bool, **sizes: int) -> dict[str, Callable[[], nn.Modul
         BASELINE: lambda: build_detector(TimmBackbone("resnet50", out_indices=(1, 2, 3, 4)), "maskrcnn",
                                          NUM_CLASSES, **sizes),
     }
+    if windows:
+        cases["maskrcnn_mambavision_t w" + "-".join(map(str, windows))] = lambda: hymamba.create_detector(
+            "maskrcnn_mambavision_t", num_classes=NUM_CLASSES, window_size=tuple(windows), **sizes)
     if convnext:
         cases["maskrcnn_convnext_tiny"] = lambda: build_detector(TimmBackbone("convnext_tiny"), "maskrcnn",
                                                                  NUM_CLASSES, **sizes)
@@ -111,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="untimed training steps first; with 0 the memory peak includes AdamW's state")
     p.add_argument("--objects", type=int, default=8, help="synthetic objects per training image")
     p.add_argument("--no-convnext", action="store_true", help="leave out the ConvNeXt-T detector")
+    p.add_argument("--windows", type=int, nargs=4, default=None, metavar="W",
+                   help="also MambaVision-T with these windows per level (the official: 8 8 112 56)")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -123,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     models: dict[str, nn.Module] = {}
     params: dict[str, float] = {}
-    for name, build in build_cases(not args.no_convnext, min_size=args.min_size, max_size=args.max_size).items():
+    cases = build_cases(not args.no_convnext, args.windows, min_size=args.min_size, max_size=args.max_size)
+    for name, build in cases.items():
         t0 = time.perf_counter()
         models[name] = build()
         params[name] = sum(q.numel() for q in models[name].parameters()) / 1e6
@@ -183,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = "\n".join(lines)
     meta = dict(date=datetime.date.today().isoformat(), height=h, width=w, repeats=args.repeats,
                 train_batch=args.train_batch, train_repeats=args.train_repeats or args.repeats,
-                train_warmup=args.train_warmup, min_size=args.min_size, max_size=args.max_size, objects=args.objects, torch=torch.__version__,
+                train_warmup=args.train_warmup, min_size=args.min_size, max_size=args.max_size, objects=args.objects,
+                torch=torch.__version__,
                 threads=torch.get_num_threads(), load=os.getloadavg()[0],
                 machine=platform.processor() or platform.machine(), baseline=BASELINE)
     print(f"{meta}\n(x) = time / {BASELINE}'s time in the same run (lower is faster); [min-max] over repeats\n")

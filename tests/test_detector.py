@@ -300,3 +300,23 @@ def test_head_channels_sets_the_heads_width(tiny: Dict[str, str], kind: str) -> 
         assert heads.mask_predictor.mask_fcn_logits.out_channels == NUM_CLASSES
     with pytest.raises(ConfigError):
         hymamba.create_detector(tiny[kind], num_classes=NUM_CLASSES, head_channels=0, **SMALL)
+
+
+def test_attention_runs_the_flash_kernel_on_cpu(tiny: Dict[str, str]) -> None:
+    """On CPU, PyTorch serves the backbone's SDPA calls with its flash kernel, forward and backward,
+    in float32 and bfloat16: the full score matrix (5 GiB per layer in float32 for the official
+    12,544-token window at 800x1333) is never built."""
+    from torch.profiler import ProfilerActivity, profile
+
+    det = hymamba.create_detector(tiny["fasterrcnn"], num_classes=NUM_CLASSES, **SMALL)
+    x = torch.rand(1, 3, 64, 96)
+    blocks = sum(isinstance(m, Attention) for m in det.backbone.body.modules())
+    for dtype in (None, torch.bfloat16):
+        with profile(activities=[ProfilerActivity.CPU]) as prof, \
+                torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            sum(m.float().sum() for m in det.backbone(x).values()).backward()
+        names = [e.key for e in prof.key_averages()]
+        counts = {e.key: e.count for e in prof.key_averages()}
+        assert counts.get("aten::_scaled_dot_product_flash_attention_for_cpu") == blocks, (dtype, names)
+        assert counts.get("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == blocks, (dtype, names)
+        assert "aten::_scaled_dot_product_attention_math" not in counts, dtype
