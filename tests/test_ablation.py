@@ -41,8 +41,9 @@ def _plain_mixer(m: MambaVisionMixer, h: torch.Tensor) -> torch.Tensor:
     xz = F.linear(h, m.in_proj.weight).transpose(1, 2)  # (B, C, L)
     x, z = xz[:, :half], xz[:, half:]
     k = m.conv1d_x.kernel_size[0]
-    if m.variant == "causal_conv":
-        x = F.silu(F.conv1d(F.pad(x, (k - 1, 0)), m.conv1d_x.weight, groups=half))
+    if m.variant == "causal_conv":  # Mamba's own: width 4, with bias
+        assert k == 4 and m.conv1d_x.bias is not None
+        x = F.silu(F.conv1d(F.pad(x, (k - 1, 0)), m.conv1d_x.weight, m.conv1d_x.bias, groups=half))
     else:
         x = F.silu(F.conv1d(x, m.conv1d_x.weight, padding="same", groups=half))
     if m.variant in ("concat", "gated"):
@@ -91,7 +92,8 @@ def test_every_combination_builds_and_trains(variant: str, pattern: str) -> None
     if pattern in ("last_half", "first_half", "interleave"):
         lost = {"concat": lambda m: 0, "gated": lambda m: m.d_model // 2 * m.d_model,
                 "regular_conv": lambda m: m.d_model // 2 * (m.d_model + 3),
-                "causal_conv": lambda m: m.d_model // 2 * (m.d_model + 3)}[variant]
+                # Mamba's width-4 conv with bias: 5 parameters per channel instead of 3 (+ 3 on z)
+                "causal_conv": lambda m: m.d_model // 2 * (m.d_model + 1)}[variant]
         n_model, n_official = (sum(p.numel() for p in x.parameters()) for x in (model, official))
         assert n_official - n_model == sum(lost(m) for m in mixers)
     x = torch.randn(2, 3, 64, 64)

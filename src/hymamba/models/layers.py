@@ -121,6 +121,10 @@ class ConvBlock(nn.Module):
 
 
 
+#: Mamba's own depthwise conv width (``mamba_ssm.Mamba(d_conv=4)``), used by the ``causal_conv`` variant
+MAMBA_D_CONV = 4
+
+
 class MambaVisionMixer(nn.Module):
     """The MambaVision token mixer: an SSM branch and a symmetric conv branch, concatenated.
 
@@ -129,11 +133,14 @@ class MambaVisionMixer(nn.Module):
 
     ``variant`` selects the paper's token-mixer ablation (the official model is ``"concat"``):
 
-    * ``"causal_conv"``: Mamba's own formulation: causal conv on x, no conv on z, output gated
-      ``y * silu(z)``, out_proj C/2 -> C;
-    * ``"regular_conv"``: the same with a regular (non-causal) conv;
-    * ``"gated"``: the symmetric branch (conv + SiLU on z) but Mamba's gating ``y * z``;
-    * ``"concat"``: the symmetric branch concatenated with y (MambaVision).
+    * ``"causal_conv"``: Mamba's original mixer: a causal depthwise conv of width 4 *with* bias
+      (``mamba_ssm``'s ``d_conv=4, conv_bias=True``) and SiLU on x, no conv on z, output gated
+      ``y * silu(z)``, out_proj C/2 -> C (the paper's first token-mixer row);
+    * ``"regular_conv"``: the same gating with MambaVision's conv instead: regular (non-causal),
+      width ``d_conv`` (3), no bias (the second row);
+    * ``"gated"``: adds the symmetric branch (conv + SiLU on z) but keeps Mamba's gating ``y * z``
+      (the third row);
+    * ``"concat"``: the symmetric branch concatenated with y (MambaVision, the last row).
     """
 
     def __init__(
@@ -162,8 +169,12 @@ class MambaVisionMixer(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
         gated = variant != "concat"  # y * gate: out_proj reads C/2 channels
         self.out_proj = FastLinear(half if gated else self.d_inner, d_model, bias=False)
-        # The official code writes bias=conv_bias//2 with conv_bias=True, i.e. no bias.
-        self.conv1d_x = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
+        # The official code writes bias=conv_bias//2 with conv_bias=True, i.e. no bias; Mamba's own
+        # mixer (causal_conv) has a width-4 conv with bias.
+        if variant == "causal_conv":
+            self.conv1d_x = nn.Conv1d(half, half, MAMBA_D_CONV, groups=half, bias=True)
+        else:
+            self.conv1d_x = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
         if variant in ("concat", "gated"):  # the symmetric branch
             self.conv1d_z = nn.Conv1d(half, half, d_conv, groups=half, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(half, 1))
@@ -220,7 +231,10 @@ class MambaVisionMixer(nn.Module):
             x, z = xz[..., :half], xz[..., half:]  # (B, L, C/2) each
         else:  # Mamba's formulation: conv on x only (causal or not), z a plain SiLU gate
             causal = self.variant == "causal_conv"
-            x = F.silu(depthwise_conv_same(xz[..., :half], self.conv1d_x.weight[:, 0].to(xz.dtype), causal=causal))
+            x = depthwise_conv_same(xz[..., :half], self.conv1d_x.weight[:, 0].to(xz.dtype), causal=causal)
+            if self.conv1d_x.bias is not None:
+                x = x + self.conv1d_x.bias.to(x.dtype)
+            x = F.silu(x)
             z = F.silu(xz[..., half:])
         x_dbl = F.linear(x, self.x_proj.weight)  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
