@@ -458,3 +458,26 @@ def test_poly_and_multistep_schedules_have_the_asked_shape(sched: str, checks: l
     for epoch, want in checks:
         scheduler.step_update(num_updates=round(epoch * 10))
         assert opt.param_groups[0]["lr"] == pytest.approx(want, abs=1e-9), (epoch, want)
+
+
+def test_a_run_does_not_depend_on_what_its_process_ran_before(tmp_path: Path) -> None:
+    """The same config trained three times in one fresh process gives the same metrics each time:
+    libraries imported lazily during the first run's set-up (rich draws from Python's generator at
+    import) must not shift the augmentation's random stream."""
+    script = """
+import sys, tempfile
+from hymamba.tasks.classification import build_config, train
+rows = []
+for _ in range(3):
+    out = tempfile.mkdtemp(dir=sys.argv[1])
+    cfg = build_config(None, dict(model="test_mambavision", input_size=32, epochs=1, batch_size=8, warmup_epochs=0,
+                                  cooldown_epochs=0, max_train_samples=16, max_val_samples=8, workers=0, quiet=True,
+                                  seed=0, output=out))
+    train(cfg, echo=lambda *a: None)
+    rows.append(open(out + "/metrics.csv").read().splitlines()[1].split(",")[:-2])  # without the timings
+print(rows[0] == rows[1] == rows[2], rows)
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("True"), proc.stdout

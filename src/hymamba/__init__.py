@@ -21,7 +21,7 @@ imported up front, so that ``hymamba --help`` answers without loading torch.
 
 Package layers, top first (each imports only from layers below it; ``lint-imports`` checks this)::
 
-    cli > apps | hf > tasks > engine > data | factory > weights > models > ops > utils > errors
+    cli > studies > apps | hf > tasks > engine > data | factory > weights > models > ops > utils > errors
 """
 from __future__ import annotations
 

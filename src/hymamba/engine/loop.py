@@ -95,6 +95,10 @@ class Trainer:
             cb.setup(self)
         self.wrapped = wrap_model(model, dist, cfg.strategy)
         self._build_optimisation()
+        # Python's own generator (timm's augmentations draw from it) once more: libraries imported
+        # lazily during the set-up above may draw from it at import (rich does), and only the first
+        # time in a process, which made a run's result depend on what the process had run before.
+        random.seed(cfg.seed + dist.rank)
         self._restore()
 
     def _output_dir(self) -> Path:
