@@ -14,9 +14,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from hymamba.data.detection import collate_detection, open_detection_split
+from hymamba.data.detection import coco_subset, collate_detection, open_detection_split
 from hymamba.data.images import image_files, read_images
-from hymamba.data.segmentation import spread_subset
 from hymamba.errors import ConfigError, DataError
 from hymamba.factory import load_trained_detector
 from hymamba.tasks.detection.evaluation import evaluate_detector
@@ -44,17 +43,10 @@ def evaluate(checkpoint: str | os.PathLike, data: str = "digitobjects", *, split
     Mask R-CNN, an RLE ``segmentation``; ``category_id`` and ``image_id`` as in the annotation file)."""
     model, meta, dev = _load(checkpoint, use_ema, device, scan_impl)
     dataset, kind = open_detection_split(data, split, "val", scene_size=int(meta.get("scene_size") or 128))
-    gt = dataset.coco_gt
     category_ids = getattr(dataset, "cat_ids", None)  # COCO files: the original (non-contiguous) ids
-    if max_samples is not None:
-        if max_samples < 1:
-            raise ConfigError(f"max_samples must be at least 1, got {max_samples}")
-        sub = spread_subset(dataset, max_samples)
-        if sub is not dataset:
-            keep = {dataset.image_ids[i] for i in sub.indices}
-            gt = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
-                  "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
-            dataset = sub
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"max_samples must be at least 1, got {max_samples}")
+    dataset, gt = coco_subset(dataset, max_samples)
     n_workers = (0 if kind == "digitobjects" else min(8, os.cpu_count() or 1)) if workers is None else workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=n_workers,
                                          collate_fn=collate_detection)

@@ -19,10 +19,11 @@ warning); ``coco_gt``, the ground truth for COCO evaluation, keeps every annotat
 A transform gets ``(uint8 RGB (H, W, 3) array, target dict of numpy arrays, numpy Generator)``,
 the generator seeded from ``(seed, epoch, index)``, and returns the same kinds
 (:class:`DetTrainTransform`: a horizontal flip and the official recipe's DETR-style crop). Resizing is
-left to the model: torchvision's detectors resize internally (``min_size`` / ``max_size``; a tuple ``min_size`` trains at several
-scales). As for the other data sets, an unreadable image never stops a job: ``(None, None, [path
-(reason)])``, or the next readable image with ``substitute_bad=True``;
-:func:`collate_detection` leaves such samples out.
+left to the model: torchvision's detectors resize internally (``min_size`` / ``max_size``; a tuple
+``min_size`` trains at several scales). As for the other data sets, an unreadable image never stops a
+job: ``(None, None, [path (reason)])``, or the next readable image with ``substitute_bad=True``;
+:func:`collate_detection` leaves such samples out. :func:`open_detection_split` opens a split by name
+and :func:`coco_subset` takes evenly spread images with their ground truth.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ from hymamba.data.images import UNREADABLE, load_image, read_or_substitute
 from hymamba.errors import DataError
 from hymamba.utils.io import atomic_write, write_json_atomic
 
-__all__ = ["CocoDetection", "DIGIT_OBJECTS_NAME", "DetTrainTransform", "DigitObjects", "collate_detection",
-           "open_detection_split", "write_coco"]
+__all__ = ["CocoDetection", "DIGIT_OBJECTS_NAME", "DetTrainTransform", "DigitObjects", "coco_subset",
+           "collate_detection", "open_detection_split", "write_coco"]
 
 logger = logging.getLogger(__name__)
 
@@ -572,3 +573,17 @@ def open_detection_split(data: str | os.PathLike, split: Optional[str], which: s
         folder = root  # a single split given directly
     return CocoDetection(folder / "images", folder / "annotations.json", transform=transform,
                          substitute_bad=substitute_bad, seed=seed), "coco folder"
+
+
+def coco_subset(dataset: Any, limit: Optional[int]) -> Tuple[Any, Dict[str, Any]]:
+    """``limit`` images spread over ``dataset`` (all of them for None) and its ``coco_gt`` restricted to
+    those images: what the training run's validation and ``hymamba detect eval --max-samples`` score."""
+    from hymamba.data.segmentation import spread_subset
+
+    sub = spread_subset(dataset, limit)
+    gt = dataset.coco_gt
+    if sub is dataset:
+        return sub, gt
+    keep = {dataset.image_ids[i] for i in sub.indices}
+    return sub, {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
+                 "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}

@@ -5,9 +5,10 @@ For each run (in the spec's order, alias combinations left out): skip it when it
 else claim it and resume it from ``last.pth`` when a previous attempt left one (the mechanism of
 ``hymamba train --resume``: the checkpoint restores weights, optimiser, schedule, data order and
 random states; the config is the spec's), or start it; each in a fresh process
-(:mod:`hymamba.studies.worker`), so that its result does not depend on what else a process trained. A run that raises writes ``failed.json``
-(the error) and the study goes on; a later ``run_study`` retries it. Ctrl-C / SIGTERM stop the
-current run with a checkpoint (as ``hymamba train``) and end the study.
+(:mod:`hymamba.studies.worker`), so that nothing a run leaves in a process (imports, caches, random
+states) reaches the next one. A run that raises writes ``failed.json`` (the error) and the study goes
+on; a later ``run_study`` retries it. Ctrl-C / SIGTERM stop the current run with a checkpoint (as
+``hymamba train``) and end the study.
 """
 from __future__ import annotations
 

@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, metavar="SEED",
                    help="the seeds (default: the spec's)")
     p.add_argument("--in-process", action="store_true",
-                   help="train the runs in this process, not one fresh process each (starts faster, but a run's last "
-                        "bits may then depend on the runs trained before it)")
+                   help="train the runs in this process, not one fresh process each (starts faster; the engine "
+                        "re-seeds every run, but anything else a run leaves in the process is shared)")
     p.add_argument("--no-throughput", dest="throughput", action="store_false",
                    help="do not measure inference throughput for the report")
     add_config_flags(p, ClassificationConfig, skip=("seed", "output"))

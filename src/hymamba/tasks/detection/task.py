@@ -5,13 +5,13 @@ COCO itself or the built-in digit objects."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
 from hymamba.data.datasets import warn_unreadable
-from hymamba.data.detection import DetTrainTransform, collate_detection, open_detection_split
+from hymamba.data.detection import DetTrainTransform, coco_subset, collate_detection, open_detection_split
 from hymamba.data.samplers import ShardSampler
 from hymamba.data.segmentation import spread_subset
 from hymamba.errors import DataError
@@ -22,16 +22,6 @@ from hymamba.tasks.detection.evaluation import evaluate_detector
 from hymamba.utils.distributed import Dist
 
 __all__ = ["DetectionTask"]
-
-def _coco_subset(dataset: Any, limit: Optional[int]) -> Tuple[Any, Dict[str, Any]]:
-    """``limit`` images spread over ``dataset`` and the ground truth restricted to them."""
-    sub = spread_subset(dataset, limit)
-    gt = dataset.coco_gt
-    if sub is dataset:
-        return sub, gt
-    keep = {dataset.image_ids[i] for i in sub.indices}
-    return sub, {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
-                 "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
 
 
 class DetectionTask(DenseTask):
@@ -60,7 +50,7 @@ class DetectionTask(DenseTask):
         self.check_resume(resume)
         self.base_train = train_ds
         self.train_ds = spread_subset(train_ds, cfg.max_train_samples)
-        self.val_ds, self.val_gt = _coco_subset(val_ds, cfg.max_val_samples)
+        self.val_ds, self.val_gt = coco_subset(val_ds, cfg.max_val_samples)
         self.workers = (0 if self.data_kind == "digitobjects" else min(8, os.cpu_count() or 1)) \
             if cfg.workers is None else cfg.workers
         self.val_loader = torch.utils.data.DataLoader(
