@@ -70,7 +70,9 @@ def test_builtin_specs_and_yaml_files_with_a_base_config(tmp_path: Path) -> None
     for name in BUILTIN_SPECS:
         study = load_spec(name)
         assert study.name == name and study.seeds == [0, 1, 2] and study.reference is not None
-        assert study.base["data"] == "digits" and study.base["model"] == "mambavision_nano"
+        assert study.base["data"] == "cued-digits" and study.base["model"] == "mambavision_nano"
+        runs = expand(study, tmp_path)  # every run's config is complete and checked
+        assert {r.config.hflip for r in runs} == {0.0} and {r.config.aa for r in runs} == {None}
     assert load_spec("mixer").axes == {"mixer_variant": ["concat", "gated", "regular_conv", "causal_conv"]}
     assert len(load_spec("pattern").axes["attention_pattern"]) == 5
     (tmp_path / "recipe.yaml").write_text("epochs: 3\nlr: 0.002\n")

@@ -1,4 +1,4 @@
-"""Data: image folders with bad files, the digits split, samplers, transforms (real files on disk)."""
+"""Data: image folders with bad files, the digits split, the cued digits, samplers, transforms (real files on disk)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,9 @@ import pytest
 import torch
 from imagefolder import CLASSES, make_image_folder
 
-from hymamba.data.datasets import DigitsDataset, ImageFolderDataset, collate_batch, warn_unreadable
+from hymamba.data.datasets import CuedDigits, DigitsDataset, ImageFolderDataset, collate_batch, warn_unreadable
+from hymamba.data.digits import digit_split
+from hymamba.errors import DataError
 from hymamba.data.samplers import EpochSampler, ShardSampler
 from hymamba.data.transforms import eval_transform, train_transform
 
@@ -88,6 +90,50 @@ def test_digits_split_is_fixed_stratified_and_upscaled() -> None:
     assert again.targets == va.targets and np.array_equal(np.asarray(again.images[5]), np.asarray(va.images[5]))
     with pytest.raises(ValueError, match="splits 'train' and 'val'"):
         DigitsDataset("test", 64)
+
+
+def test_cued_digits_label_is_the_digit_the_cue_names() -> None:
+    va = CuedDigits("val", 64)
+    assert len(va) == 2000 and va.class_names == [str(i) for i in range(10)]
+    red, blue = np.array([230, 30, 30]), np.array([30, 30, 230])
+    labels, lefts, rights = [], [], []
+    for i in range(len(va)):
+        sc = va.scene(i)
+        assert sc["label"] == (sc["left"] if sc["cue"] == "red" else sc["right"])
+        labels.append(sc["label"]), lefts.append(sc["left"]), rights.append(sc["right"])
+        if i < 100:  # the cue is painted: a 6x6 square of its colour on the centre line, nothing of the other
+            centre = sc["image"][:, 29:35]
+            want, other = (red, blue) if sc["cue"] == "red" else (blue, red)
+            assert (centre == want).all(-1).sum() == 36 and not (sc["image"] == other).all(-1).any()
+    labels, lefts, rights = np.array(labels), np.array(lefts), np.array(rights)
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() > 150 and counts.max() < 250  # ten balanced classes
+    # one side alone says little: the left digit is the label when the cue is red, or by coincidence
+    assert 0.5 < (labels == lefts).mean() < 0.6 and 0.5 < (labels == rights).mean() < 0.6
+    assert abs(np.corrcoef(lefts, rights)[0, 1]) < 0.1  # the two digits are independent draws
+    img, target, bad = va[3]
+    assert img.mode == "RGB" and img.size == (64, 64) and target == va.scene(3)["label"] and bad == []
+
+
+def test_cued_digits_validation_is_fixed_and_training_is_fresh_each_epoch() -> None:
+    va, tr = CuedDigits("val", 48), CuedDigits("train", 48, n=10)
+    assert np.array_equal(va.scene(5)["image"], CuedDigits("val", 48).scene(5)["image"])
+    va.set_epoch(3)
+    assert np.array_equal(va.scene(5)["image"], CuedDigits("val", 48).scene(5)["image"])
+    first = [tr.scene(i)["image"] for i in range(10)]
+    assert np.array_equal(first[4], CuedDigits("train", 48, n=10).scene(4)["image"])  # the same on every machine
+    tr.set_epoch(1)
+    assert not any(np.array_equal(first[i], tr.scene(i)["image"]) for i in range(10))
+    tr.set_epoch(0)
+    assert np.array_equal(first[7], tr.scene(7)["image"])
+    # the two splits share no scan (the digits split) and draw from disjoint photo columns (data.digits)
+    assert not set(digit_split("train")[2]) & set(digit_split("val")[2])
+    with pytest.raises(DataError, match="splits 'train' and 'val'"):
+        CuedDigits("test")
+    with pytest.raises(DataError, match="at least 32"):
+        CuedDigits("val", 16)
+    with pytest.raises(IndexError):
+        tr.scene(10)
 
 
 def test_epoch_sampler_shards_are_disjoint_and_reproducible() -> None:

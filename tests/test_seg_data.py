@@ -18,11 +18,11 @@ from hymamba.data.seg_transforms import (
     keep_ratio_size,
     photometric_distortion,
 )
+from hymamba.data.digits import digit_ink
 from hymamba.data.segmentation import (
     ADE20KDataset,
     DigitScenes,
     MaskFolderDataset,
-    digit_ink,
     read_mask,
     reduce_zero_label,
 )

@@ -293,6 +293,23 @@ def test_ablation_variant_trains_and_evaluates(data: Path, tmp_path: Path) -> No
     assert len(predict("test_mambavision", out / "model.safetensors", [image], topk=2)[0]["top"]) == 2
 
 
+def test_cued_digits_train_on_fresh_scenes_and_refuse_flips(tmp_path: Path, monkeypatch) -> None:
+    from hymamba.data.datasets import CuedDigits
+    from hymamba.errors import ConfigError
+
+    seen = []
+    original = CuedDigits.set_epoch
+    monkeypatch.setattr(CuedDigits, "set_epoch", lambda self, e: (seen.append((self.split, e)), original(self, e)))
+    cfg = build_config(overrides=dict(data="cued-digits", output=str(tmp_path / "run"), model="test_mambavision",
+                                      batch_size=4, workers=0, epochs=2, warmup_epochs=0, cooldown_epochs=0,
+                                      max_train_samples=8, max_val_samples=12, quiet=True))
+    summary = train(cfg)
+    assert summary["num_classes"] == 10 and summary["val_images"] == 12 and summary["train_images_per_epoch"] == 8
+    assert seen == [("train", 0), ("train", 1)]  # the engine asks for each epoch's scenes
+    with pytest.raises(ConfigError, match="mirrors cued-digits scenes"):
+        train(build_config(overrides=dict(cfg.__dict__, output=str(tmp_path / "flip"), hflip=0.5)))
+
+
 def test_fine_tune_with_a_new_head(trained: Path, tmp_path: Path) -> None:
     four = make_dataset(tmp_path / "four", train=4, val=2, corrupt=False,
                         classes=("apple", "banana", "cherry", "durian"))

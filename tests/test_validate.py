@@ -118,6 +118,8 @@ def test_validate_digits_split(tmp_path: Path) -> None:
     save_safetensors(model.state_dict(), tmp_path / "nano.safetensors")
     res = validate("mambavision_nano", tmp_path / "nano.safetensors", max_samples=40)
     assert res["data"] == "digits" and res["images"] == 40 and res["preprocessing"]["input_size"] == [3, 64, 64]
+    res = validate("mambavision_nano", tmp_path / "nano.safetensors", data="cued-digits", max_samples=30)
+    assert res["data"] == "cued-digits" and res["images"] == 30
 
 
 def test_predict(run: Path, tmp_path: Path) -> None:

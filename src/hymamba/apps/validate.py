@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from hymamba.data.datasets import DIGITS, DigitsDataset, ImageFolderDataset, collate_batch, subset, warn_unreadable
+from hymamba.data.datasets import BUILTIN, ImageFolderDataset, builtin_dataset, collate_batch, subset, warn_unreadable
 from hymamba.data.samplers import ShardSampler
 from hymamba.data.transforms import eval_transform, resolve_data_config
 from hymamba.errors import ConfigError, DataError
@@ -53,12 +53,13 @@ def validate(model_name: str, checkpoint: Optional[str | os.PathLike] = None, *,
              input_size: Optional[int] = None, crop_pct: Optional[float] = None, crop_mode: Optional[str] = None,
              interpolation: Optional[str] = None, max_samples: Optional[int] = None,
              scan_impl: str = "auto") -> Dict[str, Any]:
-    """Evaluate weights on an ImageFolder split or the built-in digits validation split.
+    """Evaluate weights on an ImageFolder split or a built-in set's validation split.
 
     Args:
         model_name: the architecture (``hymamba models``).
         checkpoint: the weights (``model.safetensors``, a training ``.pth``, official files).
-        data: ImageFolder root (``DATA/<split>/<class>/...``), a split folder itself, or 'digits'.
+        data: ImageFolder root (``DATA/<split>/<class>/...``), a split folder itself, or a built-in
+            set ("digits", "cued-digits").
         split: subfolder of ``data`` to evaluate.
         pretrained: use the official weights (a local file) instead of ``checkpoint``.
         use_ema: take the EMA weights of a training checkpoint or official file.
@@ -81,8 +82,8 @@ def validate(model_name: str, checkpoint: Optional[str | os.PathLike] = None, *,
         data_config = resolve_data_config(model.pretrained_cfg, meta, input_size=input_size, crop_pct=crop_pct,
                                           crop_mode=crop_mode, interpolation=interpolation)
         transform = eval_transform(data_config)
-        if data == DIGITS:
-            dataset: Any = DigitsDataset(split, data_config["input_size"][-1], transform)
+        if data in BUILTIN:
+            dataset: Any = builtin_dataset(data, split, data_config["input_size"][-1], transform)
             workers = 0 if workers is None else workers
         else:
             root = Path(data).expanduser()

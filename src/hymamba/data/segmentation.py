@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from hymamba.data.digits import digit_ink, digit_split, paste_ink, photo_background, sample_photos
 from hymamba.data.images import IMG_EXTENSIONS, load_image, read_or_substitute
 from hymamba.data.seg_transforms import IGNORE_INDEX, SegNormalize
 from hymamba.errors import DataError
@@ -172,30 +173,6 @@ class MaskFolderDataset(_PairDataset):
 
 _SCENE_SEEDS = {"train": 20261202, "val": 31415926}
 _SCENE_DEFAULT_N = {"train": 1000, "val": 200}
-#: photo columns each split's backgrounds come from (both photos are 427 x 640): disjoint regions
-_PHOTO_COLUMNS = {"train": (0, 384), "val": (384, 640)}
-#: ink threshold on the 0..255 upscaled scan
-INK_THRESHOLD = 128
-
-
-def _digit_split(split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scans 0..255 uint8 (N, 8, 8), digits (N,), indices into load_digits (N,)) of the digits data set's own train/val split
-    (the same stratified split as :class:`~hymamba.data.datasets.DigitsDataset`)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(idx, test_size=0.2, stratify=digits.target, random_state=0)
-    keep = np.sort(train_idx if split == "train" else val_idx)
-    scans = np.clip(digits.images[keep] * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-    return scans, digits.target[keep].astype(np.int64), keep
-
-
-def digit_ink(scan: np.ndarray, side: int) -> np.ndarray:
-    """The boolean ink mask of an 8x8 scan (0..255) upscaled bicubically to ``side`` x ``side``."""
-    up = np.asarray(Image.fromarray(scan, mode="L").resize((side, side), Image.BICUBIC))
-    return up >= INK_THRESHOLD
 
 
 class DigitScenes(Dataset):
@@ -224,16 +201,14 @@ class DigitScenes(Dataset):
 
     def __init__(self, split: str = "train", size: int = 128, n: Optional[int] = None,
                  transform: Optional[Callable] = None, seed: int = 0) -> None:
-        from sklearn.datasets import load_sample_images
-
         if split not in _SCENE_SEEDS:
             raise DataError(f"DigitScenes has splits 'train' and 'val', got {split!r}")
         if size < 32:
             raise DataError(f"DigitScenes needs size >= 32, got {size}")
         self.split, self.size = split, int(size)
         self.n = _SCENE_DEFAULT_N[split] if n is None else int(n)
-        self.scans, self.digits, self.digit_ids = _digit_split(split)
-        self.photos = [np.asarray(p) for p in load_sample_images().images]
+        self.scans, self.digits, self.digit_ids = digit_split(split)
+        self.photos = sample_photos()
         self.transform = transform if transform is not None else SegNormalize()
         self.seed, self.epoch = seed, 0
         self.ignore_index = IGNORE_INDEX
@@ -245,23 +220,13 @@ class DigitScenes(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def _background(self, rng: np.random.Generator) -> np.ndarray:
-        photo = self.photos[int(rng.integers(len(self.photos)))]
-        c0, c1 = _PHOTO_COLUMNS[self.split]
-        largest = min(photo.shape[0], c1 - c0)
-        side = int(rng.integers(min(self.size, largest), largest + 1))
-        top = int(rng.integers(0, photo.shape[0] - side + 1))
-        left = c0 + int(rng.integers(0, c1 - c0 - side + 1))
-        crop = photo[top:top + side, left:left + side]
-        return np.array(Image.fromarray(crop).resize((self.size, self.size), Image.BILINEAR))
-
     def scene(self, i: int) -> Dict[str, object]:
         """Scene ``i`` before any transform: ``image`` (uint8 RGB), ``mask`` (int64), ``digits``: one
         ``(scan index in this split, digit, top, left, side)`` per pasted digit."""
         if not 0 <= i < self.n:
             raise IndexError(i)
         rng = np.random.default_rng([_SCENE_SEEDS[self.split], i])
-        image = self._background(rng)
+        image = photo_background(self.photos, self.split, self.size, rng)
         mask = np.zeros((self.size, self.size), dtype=np.int64)
         taken = np.zeros_like(mask, dtype=bool)
         placed = []
@@ -275,10 +240,7 @@ class DigitScenes(Dataset):
             else:
                 continue
             ink = digit_ink(self.scans[k], side)
-            region = image[top:top + side, left:left + side]
-            bright = region.astype(np.float64).mean() > 127
-            colour = rng.integers(0, 70, size=3) if bright else rng.integers(185, 256, size=3)
-            region[ink] = colour.astype(np.uint8)
+            paste_ink(image, ink, top, left, rng)
             mask[top:top + side, left:left + side][ink] = 1 + int(self.digits[k])
             taken[top:top + side, left:left + side] = True
             placed.append((k, int(self.digits[k]), top, left, side))

@@ -14,7 +14,8 @@ PARSER_KWARGS = dict(description="Evaluate with the model's own preprocessing (r
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name, e.g. mambavision_t")
     p.add_argument("data", nargs="?", default="digits",
-                   help="ImageFolder root holding SPLIT/<class>/..., a split folder, or 'digits' (default)")
+                   help="ImageFolder root holding SPLIT/<class>/..., a split folder, or a built-in set: "
+                        "'digits' (default), 'cued-digits'")
     p.add_argument("--checkpoint", default=None, help="weights: model.safetensors, a training .pth, an official "
                                                       ".pth.tar or a Hugging Face folder")
     p.add_argument("--pretrained", action="store_true", help="use the official weights (a local file)")

@@ -23,7 +23,8 @@ class ClassificationConfig(EngineConfig):
 
     # data and model
     data: Optional[str] = option("digits", "ImageFolder root holding TRAIN_SPLIT/ and VAL_SPLIT/ (one subfolder "
-                                           "per class), or 'digits' for the built-in scikit-learn digits")
+                                           "per class), or a built-in set: 'digits' (scikit-learn's digits) or "
+                                           "'cued-digits' (two digits and a cue: needs global context)")
     train_split: str = option("train", "training subfolder of DATA")
     val_split: str = option("val", "validation subfolder of DATA")
     model: str = option("mambavision_nano", "model name (see 'hymamba models')")

@@ -9,7 +9,15 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from hymamba.data.datasets import DIGITS, DigitsDataset, ImageFolderDataset, collate_batch, subset, warn_unreadable
+from hymamba.data.datasets import (
+    BUILTIN,
+    CUED_DIGITS,
+    ImageFolderDataset,
+    builtin_dataset,
+    collate_batch,
+    subset,
+    warn_unreadable,
+)
 from hymamba.data.samplers import ShardSampler
 from hymamba.data.transforms import eval_transform, resolve_data_config, train_transform
 from hymamba.engine.task import Task
@@ -64,19 +72,23 @@ class ClassificationTask(Task):
                                    interpolation=cfg.train_interpolation, reprob=cfg.reprob, remode=cfg.remode,
                                    recount=cfg.recount)
         val_tf = eval_transform(self.data_config)
-        if cfg.data == DIGITS:
-            train_ds: Any = DigitsDataset("train", size, train_tf)
-            val_ds: Any = DigitsDataset("val", size, val_tf)
+        if cfg.data in BUILTIN:
+            if cfg.data == CUED_DIGITS and cfg.hflip > 0:
+                raise ConfigError(f"hflip {cfg.hflip} mirrors cued-digits scenes, and a mirrored scene's cue points "
+                                  "to the other digit (its label would be wrong); set --hflip 0")
+            train_ds: Any = builtin_dataset(cfg.data, "train", size, train_tf)
+            val_ds: Any = builtin_dataset(cfg.data, "val", size, val_tf)
             self.workers = 0 if cfg.workers is None else cfg.workers
         else:
             root = Path(cfg.data).expanduser()
             if not root.is_dir():
                 raise DataError(f"data folder not found: {root}. Expected an ImageFolder root with "
                                 f"{cfg.train_split}/ and {cfg.val_split}/ holding one subfolder per class "
-                                "(or 'digits' for the built-in data set)")
+                                f"(or one of the built-in data sets: {', '.join(BUILTIN)})")
             train_ds = ImageFolderDataset(root / cfg.train_split, train_tf, substitute_bad=True)
             val_ds = ImageFolderDataset(root / cfg.val_split, val_tf, class_names=train_ds.class_names)
             self.workers = min(8, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
+        self.base_train = train_ds  # a generated set draws fresh training scenes each epoch (set_epoch)
         self.train_ds = subset(train_ds, cfg.max_train_samples)
         self.val_ds = subset(val_ds, cfg.max_val_samples)
         self.class_names: List[str] = list(train_ds.class_names)
@@ -148,6 +160,8 @@ class ClassificationTask(Task):
         for m in self.frozen:  # frozen stages keep their BatchNorm statistics too
             m.eval()
         cfg = self.config
+        if hasattr(self.base_train, "set_epoch"):
+            self.base_train.set_epoch(epoch)
         self.ema_model = ema_model
         self.mesa_on = cfg.mesa > 0 and ema_model is not None and epoch / cfg.epochs > cfg.mesa_start_ratio
 
@@ -189,7 +203,7 @@ class ClassificationTask(Task):
 
     def describe(self) -> List[str]:
         cfg = self.config
-        data = "digits (built-in)" if cfg.data == DIGITS else str(cfg.data)
+        data = f"{cfg.data} (built-in)" if cfg.data in BUILTIN else str(cfg.data)
         mesa = f"{cfg.mesa} from {cfg.mesa_start_ratio:g} of training" if cfg.mesa else "off"
         return [
             f"model {cfg.model}: {self.params / 1e6:.2f}M parameters ({self.trainable / 1e6:.2f}M trainable), "
