@@ -20,8 +20,8 @@ from typing import List, Optional, Sequence
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: subcommand -> its module under hymamba.cli.commands, in the order --help lists them
-COMMANDS = ("models", "forward", "train", "ablate", "validate", "predict", "embed", "export", "benchmark", "segment",
-            "detect")
+COMMANDS = ("models", "forward", "train", "ablate", "validate", "predict", "embed", "export", "convert", "benchmark",
+            "segment", "detect")
 
 
 def _command_module(name: str):

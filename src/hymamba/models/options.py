@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from hymamba.errors import ConfigError
 
-__all__ = ["ABLATION_OPTIONS", "ATTENTION_PATTERNS", "MIXER_VARIANTS", "SSM_INITS", "attention_block_indices",
-           "check_option", "options_from"]
+__all__ = ["ABLATION_OPTIONS", "ATTENTION_PATTERNS", "DEFAULT_OPTIONS", "MIXER_VARIANTS", "SSM_INITS",
+           "attention_block_indices", "check_option", "options_from"]
 
 #: the token mixer: concat (MambaVision), gated, regular_conv, causal_conv (Mamba's own)
 MIXER_VARIANTS: Tuple[str, ...] = ("concat", "gated", "regular_conv", "causal_conv")
@@ -51,6 +51,10 @@ _CHOICES: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "attention_pattern": (ATTENTION_PATTERNS, "last_half"),
     "ssm_init": (SSM_INITS, "official"),
 }
+
+
+#: the official model's value of each ablation option
+DEFAULT_OPTIONS: Dict[str, str] = {k: _CHOICES[k][1] for k in ABLATION_OPTIONS}
 
 
 def check_option(name: str, value: Any) -> str:
