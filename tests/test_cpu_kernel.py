@@ -519,3 +519,29 @@ def test_ninja_from_the_venv_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path)
         assert shutil.which("ninja") is not None
     else:
         assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_first_use_under_torch_export_keeps_the_kernel(kernel) -> None:
+    """A process whose first scan is traced by torch.export builds the kernel on real tensors: the
+    export uses it and it stays available afterwards (its self-test once failed under the export's
+    fake tensors and marked the kernel unavailable for the whole process)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, hymamba\n"
+        "from hymamba.ops import kernels\n"
+        "m = hymamba.create_model('test_mambavision').eval()\n"
+        "x = torch.randn(2, 3, 64, 64)\n"
+        "ep = torch.export.export(m, (x,), strict=False)\n"
+        "ops = {str(n.target) for n in ep.graph.nodes if 'scan' in str(n.target)}\n"
+        "with torch.no_grad():\n"
+        "    diff = float((ep.module()(x) - m(x)).abs().max())\n"
+        "print('RESULT', kernels.cpu_kernel_available(), sorted(ops), diff)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT"))
+    assert line.startswith("RESULT True ['hymamba.scan_cpu_fwd.default']"), line
+    assert float(line.split()[-1]) < 1e-5 and "unavailable" not in res.stderr

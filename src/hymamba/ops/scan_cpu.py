@@ -245,7 +245,13 @@ def _load() -> Any:
             logger.info("hymamba: building/loading the C++ CPU selective-scan kernel (first build takes ~10-20 s)")
             start = time.perf_counter()
             try:
-                _STATE.ops = _build()
+                # The first call may come while torch.export / torch.compile trace the model: the
+                # build's self-test must run on real tensors, outside their fake and proxy modes
+                # (it failed there and marked the kernel unavailable for the whole process).
+                from torch.utils._python_dispatch import _disable_current_modes
+
+                with _disable_current_modes():
+                    _STATE.ops = _build()
             except Exception as exc:  # a broken build means "unavailable", never an error
                 _STATE.reason = f"building the hymamba C++ CPU kernel failed: {exc}"
                 logger.warning("hymamba: C++ CPU selective-scan kernel unavailable; %s", _STATE.reason)
