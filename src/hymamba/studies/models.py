@@ -20,7 +20,7 @@ from hymamba.factory import create_model, resolve_model_name
 from hymamba.models.options import ABLATION_OPTIONS, options_from
 from hymamba.models.variants import VARIANTS
 
-__all__ = ["alias_key", "build", "find_aliases", "fingerprint", "measure"]
+__all__ = ["alias_key", "build", "find_aliases", "fingerprint", "measure", "throughputs"]
 
 
 def build(cfg: Any, device: str = "meta", num_classes: int = 10) -> torch.nn.Module:
@@ -75,25 +75,32 @@ def _input_size(cfg: Any) -> List[int]:
 
 
 @torch.no_grad()
-def measure(cfg: Any, batch_size: int = 8, repeats: int = 3, throughput: bool = True,
-            num_classes: int = 10) -> Dict[str, Any]:
-    """Parameters, GMACs (fvcore's convention, :func:`hymamba.apps.flops.count_macs`) at the run's
-    input size and, with ``throughput``, eval-mode images/s on this machine's CPU (float32, batch
-    ``batch_size``, best of ``repeats`` timed batches after one warm-up)."""
+def measure(cfg: Any, num_classes: int = 10) -> Dict[str, Any]:
+    """Parameters and GMACs (fvcore's convention, :func:`hymamba.apps.flops.count_macs`) at the
+    run's input size."""
     from hymamba.apps.flops import count_macs
 
     size = _input_size(cfg)
     meta = build(cfg, num_classes=num_classes)
-    out: Dict[str, Any] = {"params": sum(p.numel() for p in meta.parameters()),
-                           "gmacs": count_macs(meta, tuple(size))[0] / 1e9, "input_size": size[-1],
-                           "images_per_second": None, "throughput_batch": None}
-    if throughput:
-        model = build(cfg, device="cpu", num_classes=num_classes).eval()
-        x = torch.randn(batch_size, *size)
-        model(x)
-        best = min(_timed(model, x) for _ in range(repeats))
-        out.update(images_per_second=batch_size / best, throughput_batch=batch_size)
-    return out
+    return {"params": sum(p.numel() for p in meta.parameters()),
+            "gmacs": count_macs(meta, tuple(size))[0] / 1e9, "input_size": size[-1]}
+
+
+def throughputs(cfgs: Mapping[str, Any], num_classes: int = 10, batch_size: int = 8,
+                rounds: int = 15) -> Dict[str, float]:
+    """Eval-mode images/s on this machine's CPU (float32, batch ``batch_size``) of each config's model,
+    measured side by side: one batch of every model per round, interleaved, so that the machine's
+    noise hits every model alike; the median over ``rounds`` after one warm-up batch each."""
+    models = {k: build(cfg, device="cpu", num_classes=num_classes).eval() for k, cfg in cfgs.items()}
+    inputs = {k: torch.randn(batch_size, *_input_size(cfg)) for k, cfg in cfgs.items()}
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for k, m in models.items():
+            m(inputs[k])
+        for _ in range(rounds):
+            for k, m in models.items():
+                times[k].append(_timed(m, inputs[k]))
+    return {k: batch_size / sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def _timed(model: torch.nn.Module, x: torch.Tensor) -> float:

@@ -8,8 +8,10 @@
 - ``results.png``: mean final top-1 per combination with std error bars.
 
 Parameters and GMACs come from the combination's model built on the ``meta`` device; throughput is
-measured once per combination on the machine writing the report (CPU, float32, eval mode, batch 8,
-best of 3) and kept in ``measurements.json`` so that later reports reuse it.
+measured once, for all combinations side by side (CPU, float32, eval mode, batch 8, one batch of each
+model per round, interleaved, median of 15 rounds; an alias shares its model's number), on the
+machine writing the report, and kept in ``measurements.json`` so that later reports reuse it (delete
+the file to measure again, e.g. on a quiet machine: ``--report-only``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import io
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from hymamba.studies.runner import FAILED, plan, read_summary, run_state
 from hymamba.studies.spec import Study, expand
@@ -27,9 +29,11 @@ from hymamba.utils.io import atomic_write, atomic_write_bytes, write_json_atomic
 
 __all__ = ["collect", "write_report"]
 
-THROUGHPUT_NOTE = ("images/s: inference throughput measured once per combination on the machine that first wrote "
-                   "this report (CPU, float32, eval mode, batch 8, best of 3 batches; measurements.json), not during "
-                   "training")
+#: images per timed batch
+THROUGHPUT_BATCH = 8
+THROUGHPUT_NOTE = ("images/s: inference throughput on the machine that first wrote this report, all models measured "
+                   "side by side (CPU, float32, eval mode, batch 8, interleaved batches, median of 15 rounds; "
+                   "measurements.json), not during training")
 
 
 def _config_key(cfg: Any) -> str:
@@ -49,9 +53,9 @@ def _num_classes(out: Path, folders: List[str]) -> int:
     return 10
 
 
-def _measurements(out: Path, configs: Dict[str, Any], throughput: bool,
-                  num_classes: int) -> Dict[str, Dict[str, Any]]:
-    from hymamba.studies.models import measure
+def _measurements(out: Path, configs: Dict[str, Any], throughput: bool, num_classes: int,
+                  aliases: Mapping[str, str]) -> Dict[str, Dict[str, Any]]:
+    from hymamba.studies.models import measure, throughputs
 
     path = out / "measurements.json"
     try:
@@ -63,11 +67,17 @@ def _measurements(out: Path, configs: Dict[str, Any], throughput: bool,
     for combo, cfg in configs.items():
         key = f"{_config_key(cfg)}-{num_classes}"
         entry = cached.get(combo)
-        if not isinstance(entry, dict) or entry.get("key") != key or (throughput and
-                                                                      entry.get("images_per_second") is None):
-            entry = dict(measure(cfg, throughput=throughput, num_classes=num_classes), key=key)
+        if not isinstance(entry, dict) or entry.get("key") != key:
+            entry = dict(measure(cfg, num_classes=num_classes), key=key, images_per_second=None, throughput_batch=None)
             cached[combo], changed = entry, True
         result[combo] = entry
+    missing = [c for c in configs if result[c].get("images_per_second") is None]
+    if throughput and missing:  # all combinations at once, side by side (an alias shares its model's number)
+        own = [c for c in configs if c not in aliases]
+        speeds = throughputs({c: configs[c] for c in own}, num_classes=num_classes, batch_size=THROUGHPUT_BATCH)
+        for combo in configs:
+            result[combo].update(images_per_second=speeds[aliases.get(combo, combo)], throughput_batch=THROUGHPUT_BATCH)
+        changed = True
     if changed:
         write_json_atomic(path, cached)
     return result
@@ -81,7 +91,7 @@ def collect(study: Study, out_dir: str | Path, throughput: bool = True) -> Dict[
     configs: Dict[str, Any] = {}
     for r in runs:
         configs.setdefault(r.combo, r.config)
-    measured = _measurements(out, configs, throughput, _num_classes(out, [r.folder for r in trained]))
+    measured = _measurements(out, configs, throughput, _num_classes(out, [r.folder for r in trained]), aliases)
     run_rows: List[Dict[str, Any]] = []
     for r in trained:
         run_dir = out / r.folder
