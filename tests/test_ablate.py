@@ -144,6 +144,16 @@ def test_identical_models_are_trained_once(tmp_path: Path) -> None:
     assert plan(other, tmp_path)[1] == {"attention_pattern=interleave,epochs=3": "attention_pattern=last_half,epochs=3",
                                         "attention_pattern=interleave,epochs=4": "attention_pattern=last_half,epochs=4"}
     assert not any(tmp_path.iterdir())  # planning writes nothing
+    # measured side by side, once: an alias reports its model's speed, and the numbers are kept
+    from hymamba.studies.report import collect
+
+    combos = {c["combination"]: c for c in collect(pattern, tmp_path / "report")["combinations"]}
+    speed = {k: c["images_per_second"] for k, c in combos.items()}
+    assert all(v and v > 0 for v in speed.values())
+    assert speed["attention_pattern=interleave"] == speed["attention_pattern=last_half"]
+    cached = json.loads((tmp_path / "report" / "measurements.json").read_text())
+    assert {k: v["images_per_second"] for k, v in cached.items()} == speed
+    assert {c["images_per_second"] for c in collect(pattern, tmp_path / "report")["combinations"]} == set(speed.values())
 
 
 # ----------------------------------------------------------------------------------------------

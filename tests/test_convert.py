@@ -136,3 +136,9 @@ def test_cli_and_bad_requests(trained, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "abl2.json").read_text())["attention_pattern"] == "first_half"
     with pytest.raises(CheckpointError):
         convert(tmp_path / "missing.pth.tar", tmp_path / "x.safetensors")
+    # a crop mode transformers has no processor for: refused before anything is written
+    squash = save_safetensors(model.state_dict(), tmp_path / "squash.safetensors")
+    write_model_json(squash, {"model": "mambavision_nano", "crop_mode": "squash"})
+    with pytest.raises(ConfigError, match="crop_mode 'squash'"):
+        convert(squash, tmp_path / "squash_hf")
+    assert not (tmp_path / "squash_hf").exists()

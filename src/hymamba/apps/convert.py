@@ -139,11 +139,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, model_name: Optio
         if changed:
             raise ConfigError(f"a Hugging Face config.json cannot describe the ablation options {changed}: the "
                               "model would load as the official architecture; convert to .safetensors instead")
+        config, processor = _hf_config(name, meta), image_processor_config(meta)  # both checked before writing
         dst_path.mkdir(parents=True, exist_ok=True)
         files = [save_safetensors({f"model.{k}": v for k, v in sd.items()}, dst_path / "model.safetensors",
                                   metadata={"format": "pt"}),
-                 write_json_atomic(dst_path / "config.json", _hf_config(name, meta)),
-                 write_json_atomic(dst_path / "preprocessor_config.json", image_processor_config(meta))]
+                 write_json_atomic(dst_path / "config.json", config),
+                 write_json_atomic(dst_path / "preprocessor_config.json", processor)]
     return {"src": str(src_path), "dst": str(dst_path), "format": fmt, "model": name, "num_classes": num_classes,
             "tensors": len(sd), "files": [str(f) for f in files]}
 

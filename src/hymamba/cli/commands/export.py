@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, nargs="+", default=None, help="input H [W] (default: the model's input size)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
-    p.add_argument("--int8", choices=("dynamic", "static"), default=None,
+    from hymamba.apps.quantize import QUANTIZATION_MODES
+
+    p.add_argument("--int8", choices=QUANTIZATION_MODES, default=None,
                    help="also write OUTPUT.int8.onnx: convolutions and matrix products in int8 (ONNX Runtime "
                         "quantization; static calibrates activation ranges on --calibration images)")
     p.add_argument("--calibration", default="digits",
