@@ -21,11 +21,12 @@ import csv
 import io
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
-from hymamba.engine.state import get_rng_state, save_train_state
+from hymamba.engine.state import SHARDED_KEYS, get_rng_state, save_sharded, save_train_state
 from hymamba.utils.io import atomic_copy, atomic_write_bytes, write_json_atomic
 from hymamba.weights.io import save_safetensors
 from hymamba.weights.metadata import write_model_json
@@ -124,7 +125,10 @@ class EMA(Callback):
     def setup(self, trainer: "Trainer") -> None:
         from timm.utils import ModelEmaV3
 
-        self.ema = ModelEmaV3(trainer.model, decay=self.decay, use_warmup=self.warmup)
+        # (one tensor at a time when sharded: a fused update cannot mix sharded parameters and whole buffers)
+        self.ema = ModelEmaV3(trainer.model, decay=self.decay, use_warmup=self.warmup,
+                              foreach=not trainer.strategy.sharded)
+        trainer.strategy.follow(self.ema.module)
 
     @property
     def module(self) -> nn.Module:
@@ -147,27 +151,59 @@ class Checkpoint(Callback):
     """``last.pth`` after every epoch and on a stop signal; a copy as ``best.pth`` on a new best.
 
     Holds every state needed to continue exactly: model, optimiser, scheduler, grad scaler, the
-    callbacks' states, the task's state and each process's random-number-generator state.
+    callbacks' states, the task's state and each process's random-number-generator state. Under a
+    sharded strategy the model, optimiser and EMA tensors go to ``sharded/epoch<E>-batch<B>/`` (written
+    by every process, complete before ``last.pth`` names it); folders no checkpoint names are removed.
     """
 
     def __init__(self, best: Optional[BestMetric]) -> None:
         self.best = best
 
     def save(self, trainer: "Trainer", best: bool = False) -> None:
-        ranks = trainer.dist.gather_objects({"rng": get_rng_state(trainer.device), "partial": trainer.partial})
-        if not trainer.dist.is_main:
+        dist = trainer.dist
+        ranks = dist.gather_objects({"rng": get_rng_state(trainer.device), "partial": trainer.partial})
+        sharded = trainer.strategy.sharded
+        if not dist.is_main and not sharded:
             return
         state = trainer.state_dict()
+        if sharded:  # (a position is saved once: an epoch's end and a stop within the next differ in both)
+            name = f"{SHARDED_FOLDER}/epoch{trainer.epoch}-batch{trainer.batches_done}"
+            save_sharded({k: state.pop(k) for k in SHARDED_KEYS if state.get(k) is not None},
+                         trainer.output / name, dist)
+            state["sharded"] = name
+            if not dist.is_main:
+                return
         state["ranks"] = ranks
         last = save_train_state(state, trainer.output / "last.pth")
         if best:
             atomic_copy(last, trainer.output / "best.pth")
+        if sharded:
+            _remove_unnamed(trainer.output)
 
     def on_epoch_end(self, trainer: "Trainer", row: Dict[str, Any]) -> None:
         self.save(trainer, best=self.best is not None and self.best.is_best)
 
     def on_interrupt(self, trainer: "Trainer") -> None:
         self.save(trainer)
+
+
+#: the folder of a sharded run's checkpoints, inside its output folder
+SHARDED_FOLDER = "sharded"
+
+
+def _remove_unnamed(output: Path) -> None:
+    """Delete the sharded checkpoint folders that neither ``last.pth`` nor ``best.pth`` names."""
+    import shutil
+
+    from hymamba.weights.io import read_file
+
+    named = set()
+    for name in ("last.pth", "best.pth"):
+        if (output / name).is_file():
+            named.add(read_file(output / name).get("sharded"))
+    for folder in sorted((output / SHARDED_FOLDER).iterdir()):
+        if f"{SHARDED_FOLDER}/{folder.name}" not in named:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class Report(Callback):
@@ -294,15 +330,17 @@ class Export(Callback):
     """The final weights (the EMA's when there is one) as ``model.safetensors`` + ``model.json``."""
 
     def on_train_end(self, trainer: "Trainer", summary: Dict[str, Any]) -> None:
-        if summary["interrupted"] or not trainer.dist.is_main:
+        if summary["interrupted"]:
             return
-        model = trainer.final_model()
+        weights = trainer.strategy.full_state_dict(trainer.final_model())  # (gathered whole: every rank takes part)
+        if not trainer.dist.is_main:
+            return
         meta = dict(trainer.task.export_metadata(), weights="ema" if trainer.ema is not None else "model",
                     epochs=summary["epochs"])
         best = trainer.task.best_metric
         meta[f"val_{best}"] = summary.get(f"final_{best}")
         path = trainer.output / "model.safetensors"
-        save_safetensors(model.state_dict(), path, metadata={"model": str(meta.get("model", "")), "format": "pt"})
+        save_safetensors(weights, path, metadata={"model": str(meta.get("model", "")), "format": "pt"})
         write_model_json(path, meta)
 
 

@@ -29,7 +29,7 @@ from hymamba.utils.choices import AMP_DTYPES, DEVICES
 __all__ = ["AMP_DTYPES", "SCHEDULES", "Config", "EngineConfig", "need", "option", "resume_config"]
 
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "wsd", "rsqrt")
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp")
 
 C = TypeVar("C", bound="Config")
 
@@ -277,7 +277,9 @@ class EngineConfig(Config):
     amp_dtype: str = option("auto", f"mixed-precision dtype ({', '.join(AMP_DTYPES)})")
     channels_last: bool = option(False, "channels_last memory layout")
     device: str = option("auto", "auto, cpu or cuda")
-    strategy: str = option("ddp", "how several processes share the work under torchrun: ddp (replicated model)")
+    strategy: str = option("ddp", "how several processes share the model under torchrun: ddp (each holds all of it) "
+                                  "or fsdp (parameters, gradients and optimiser state sharded per block)")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     seed: int = option(31, "random seed (each process adds its rank)")
     workers: Optional[int] = option(None, "data-loading processes per training process (default: 0 for "
                                           "built-in data, min(8, cores) for folders)")

@@ -32,8 +32,8 @@ from torch import nn
 from hymamba.data.samplers import EpochSampler
 from hymamba.engine.callbacks import EMA, Callback, default_callbacks
 from hymamba.engine.config import EngineConfig
-from hymamba.engine.state import set_rng_state
-from hymamba.engine.strategies import distribute_norm_statistics, wrap_model
+from hymamba.engine.state import load_sharded, set_rng_state
+from hymamba.engine.strategies import distribute_norm_statistics, make_strategy, set_grad_checkpointing
 from hymamba.engine.task import Task
 from hymamba.errors import ConfigError, DataError, TrainingError
 from hymamba.utils import distributed
@@ -90,10 +90,14 @@ class Trainer:
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:
+            set_grad_checkpointing(model)
         self.model = model
-        for cb in self.callbacks:
+        self.strategy = make_strategy(cfg.strategy, dist)
+        self.strategy.start_equal(model)
+        for cb in self.callbacks:  # (the EMA copies the model here, before it is sharded)
             cb.setup(self)
-        self.wrapped = wrap_model(model, dist, cfg.strategy)
+        self.wrapped = self.strategy.wrap(model)
         self._build_optimisation()
         # Python's own generator (timm's augmentations draw from it) once more: libraries imported
         # lazily during the set-up above may draw from it at import (rich does), and only the first
@@ -174,6 +178,18 @@ class Trainer:
         s = self.resume
         if s is None:
             return
+        sharded = isinstance(s.get("sharded"), str)
+        if self.strategy.sharded and not sharded:
+            raise ConfigError(f"{s['path']} was saved by a run that was not sharded; resume it with --strategy "
+                              f"{s['config'].get('strategy', 'ddp')}, or convert it to weights (hymamba convert) and "
+                              "start a new run from them with --checkpoint")
+        if sharded:  # the tensors are in the folder last.pth names, sharded for the run's processes
+            template = {"model": self.model.state_dict(),
+                        "optimizer": self.strategy.optimizer_state(self.model, self.optimizer)}
+            if self.ema is not None and s["config"].get("model_ema"):
+                template["model_ema"] = self.ema.state_dict()
+            load_sharded(template, Path(s["path"]).parent / s["sharded"])
+            s = dict(s, **template)
         self.model.load_state_dict(s["model"])
         for cb in self.callbacks:
             if cb.state_key is None:
@@ -185,7 +201,12 @@ class Trainer:
                 continue
             cb.load_state_dict(s[cb.state_key])
         self.task.load_state_dict(s)
-        self.optimizer.load_state_dict(s["optimizer"])
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, s["optimizer"])
+        else:
+            self.optimizer.load_state_dict(s["optimizer"])
         now = self.config.to_dict()
         # (a key the saved run predates, e.g. poly_power, is not a change: its saved schedule is restored)
         changed = [k for k in _SCHEDULE_KEYS if k in s["config"] and s["config"][k] != now.get(k)]
@@ -229,7 +250,8 @@ class Trainer:
                 cb.on_train_start(self)
             if self.config.eval_first and self.initial_metrics is None and self.epoch == 0 \
                     and self.batches_done == 0:
-                self.initial_metrics = self.task.evaluate(self.model, self.amp_dtype)
+                with self.strategy.evaluating(self.model):
+                    self.initial_metrics = self.task.evaluate(self.model, self.amp_dtype)
                 self.echo(f"before training: {self.task.format_metrics(self.initial_metrics)}")
             with _stop_on_signals(self._request_stop), logging_redirect_tqdm():
                 while self.epoch < self.config.epochs:
@@ -267,7 +289,7 @@ class Trainer:
         self.echo(f"optimisation: {cfg.opt}, weight decay {cfg.weight_decay}, {cfg.sched} over {cfg.epochs} epochs "
                   f"(warmup {cfg.warmup_epochs:g} from {cfg.warmup_lr:g}, cooldown {cfg.cooldown_epochs} at "
                   f"{cfg.min_lr:g}), clip {cfg.clip_grad}, EMA {ema.decay if ema else 'off'}, amp {amp}")
-        self.echo(f"device {self.device}{' (DDP)' if d.enabled else ''}; output {self.output}" + (
+        self.echo(f"device {self.device}{self.strategy.describe()}; output {self.output}" + (
             f"; resuming at epoch {self.epoch + 1}" + (f", batch {self.batches_done}" if self.batches_done else "")
             if self.resume is not None else ""))
         if d.is_main:  # the folder is made only now that every check has passed
@@ -302,7 +324,7 @@ class Trainer:
                 break
             batch = to_device(batch, self.device)
             step_now = (micro + 1) % cfg.grad_accum == 0
-            sync = nullcontext() if step_now or not d.enabled else self.wrapped.no_sync()
+            sync = nullcontext() if step_now else self.strategy.no_sync(self.wrapped)
             with sync:
                 with autocast(self.device, self.amp_dtype):
                     loss = self.task.training_step(self.wrapped, batch)["loss"]
@@ -349,7 +371,8 @@ class Trainer:
                 distribute_norm_statistics(m, d)
         metrics: Dict[str, Any] = {}
         for prefix, m in models.items():
-            metrics.update({prefix + k: v for k, v in self.task.evaluate(m, self.amp_dtype).items()})
+            with self.strategy.evaluating(m):
+                metrics.update({prefix + k: v for k, v in self.task.evaluate(m, self.amp_dtype).items()})
         self.task.end_epoch()
         self.epoch += 1
         st = self.train_stats
@@ -362,10 +385,11 @@ class Trainer:
     # -- state and the end -------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything :func:`hymamba.engine.state.load_train_state` needs to continue this run."""
+        """Everything :func:`hymamba.engine.state.load_train_state` needs to continue this run (under a
+        sharded strategy, ``SHARDED_KEYS`` hold this process's shards)."""
         state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": self.epoch,
@@ -376,6 +400,7 @@ class Trainer:
             "initial_metrics": self.initial_metrics,
             "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
             "world_size": self.dist.world_size,
+            "export_metadata": self.task.export_metadata(),  # model.json's content, for these weights
         }
         for cb in self.callbacks:
             if cb.state_key is not None:
@@ -389,7 +414,9 @@ class Trainer:
 
     def _summary(self, interrupted: bool) -> Dict[str, Any]:
         cfg, d, task = self.config, self.dist, self.task
-        digest = weights_digest(self.model) + (weights_digest(self.ema.module) if self.ema is not None else "")
+        replicated = self.strategy.replicated  # (sharded tensors differ by design: their buffers are compared)
+        digest = weights_digest(replicated(self.model)) + (
+            weights_digest(replicated(self.ema.module)) if self.ema is not None else "")
         digests = d.gather_objects(digest)
         last = self.history[-1] if self.history else {}
         use_ema = self.ema is not None
@@ -434,10 +461,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (to check that all ranks end with the same weights)."""
+def weights_digest(tensors: Sequence[Any]) -> str:
+    """SHA-256 of (name, tensor) pairs (to check that all ranks end with the same weights)."""
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in tensors:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

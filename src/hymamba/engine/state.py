@@ -4,6 +4,11 @@ A checkpoint loads back with ``torch.load(weights_only=True)`` (no custom classe
 written atomically (temporary file + ``os.replace``), so a run killed at any moment leaves either
 the previous checkpoint or the new one, never a torn file. Its ``model`` / ``model_ema`` entries
 make it a valid input for :func:`hymamba.load_checkpoint` (``use_ema=True`` picks the EMA).
+
+A sharded run (``--strategy fsdp``) keeps its model, optimiser and EMA tensors in a folder written
+by every process with :mod:`torch.distributed.checkpoint` (:func:`save_sharded`); ``last.pth`` holds
+everything else and names that folder (``sharded``, relative to ``last.pth``). The folder is
+complete before ``last.pth`` names it, and a folder is never rewritten while a checkpoint names it.
 """
 from __future__ import annotations
 
@@ -17,10 +22,14 @@ import torch
 
 from hymamba.errors import CheckpointError, ConfigError
 from hymamba.utils.io import atomic_write
-from hymamba.weights.io import read_file
+from hymamba.weights.io import read_file, sharded_reader
 from hymamba.weights.metadata import TRAIN_STATE_FORMAT as FORMAT
 
-__all__ = ["FORMAT", "get_rng_state", "load_train_state", "save_train_state", "set_rng_state"]
+__all__ = ["FORMAT", "SHARDED_KEYS", "get_rng_state", "load_sharded", "load_train_state", "save_sharded",
+           "save_train_state", "set_rng_state"]
+
+#: the entries of a training state that a sharded run saves in its ``sharded/`` folder
+SHARDED_KEYS = ("model", "optimizer", "model_ema")
 
 
 def get_rng_state(device: torch.device) -> Dict[str, Any]:
@@ -55,6 +64,37 @@ def save_train_state(state: Dict[str, Any], path: str | os.PathLike) -> Path:
     return p
 
 
+def save_sharded(tensors: Dict[str, Any], folder: Path, dist: Any) -> None:
+    """Every process writes its shards of ``tensors`` (nested dicts of DTensors and plain values) into
+    ``folder`` (collective). A folder of that name left by an earlier, unfinished save is removed first."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    if dist.is_main and folder.exists():
+        shutil.rmtree(folder)
+    dist.barrier()
+    dcp.save(tensors, checkpoint_id=str(folder))
+    dist.barrier()
+
+
+def load_sharded(template: Dict[str, Any], folder: Path) -> None:
+    """Fill ``template`` (the states of this run's model, optimiser and EMA, sharded or whole) in place
+    from a sharded checkpoint folder, resharding for this run's processes."""
+    import torch.distributed.checkpoint as dcp
+
+    if not folder.is_dir():
+        raise CheckpointError(f"the sharded training state {folder} is missing (the run's last.pth names it); "
+                              "copy the whole output folder, sharded/ included")
+    try:
+        dcp.load(template, storage_reader=sharded_reader(folder))
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP wraps every failure (missing shard, wrong key) in a CheckpointException
+        raise CheckpointError(f"cannot read the sharded training state {folder}: {str(e).splitlines()[0][:300]}; "
+                              "resume from another checkpoint of the run (best.pth) or start afresh") from None
+
+
 #: what the training loop reads back from a checkpoint, and the type each entry must have
 _STATE_ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "config": dict, "epoch": int,
                   "batches_done": int, "global_step": int, "history": list, "wall_seconds": (int, float),
@@ -83,6 +123,8 @@ def load_train_state(path: str | os.PathLike) -> Dict[str, Any]:
         raise ConfigError(f"{p} is not a hymamba training checkpoint (format {FORMAT}); to fine-tune from plain "
                           "weights use --checkpoint instead of --resume")
     for key, kind in _STATE_ENTRIES.items():
+        if key in SHARDED_KEYS and isinstance(state.get("sharded"), str):
+            continue  # in the sharded folder, read when the run is set up
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             expected = kind.__name__ if isinstance(kind, type) else "a number"

@@ -73,6 +73,11 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.enabled:
+            dist.barrier()
+
     def close(self) -> None:
         if self.initialised and dist.is_initialized():
             dist.destroy_process_group()

@@ -272,8 +272,93 @@ def weights_file(path: PathLike) -> Path:
 
 
 def state_dict_from(obj: Any, use_ema: bool, path: Path) -> Dict[str, torch.Tensor]:
-    """The model's tensors inside a file's object (checkpoint dicts, EMA, bare state dicts), prefixes removed."""
+    """The model's tensors inside a file's object (checkpoint dicts, EMA, bare state dicts, the sharded
+    folder a sharded training state names), prefixes removed."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("sharded"), str) and "model" not in obj:
+        key = "model_ema" if use_ema else "model"
+        return read_sharded(path.parent / obj["sharded"], key, path)
     return strip_prefixes(_pick_state_dict(obj, use_ema, path))
+
+
+#: what the index of a torch.distributed.checkpoint folder (``.metadata``, a pickle) may name
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"} | {str(t).split(".")[1] for t in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+        torch.uint8, torch.bool, torch.complex64, torch.complex128)},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles a checkpoint index, refusing every global outside :data:`_DCP_GLOBALS` (nothing
+    else is imported or called: torch's own reader would unpickle it without any check)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name not in _DCP_GLOBALS.get(module, ()):
+            raise pickle.UnpicklingError(f"the index refers to {module}.{name}, which a checkpoint index never "
+                                         "holds; it was not loaded")
+        return super().find_class(module, name)
+
+
+def sharded_reader(folder: Path) -> Any:
+    """A :mod:`torch.distributed.checkpoint` reader for ``folder`` whose index is read safely."""
+    import torch.distributed.checkpoint as dcp
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+            path = Path(str(self.path)) / ".metadata"
+            try:
+                with open(path, "rb") as f:
+                    metadata = _IndexUnpickler(f).load()
+            except FileNotFoundError:
+                raise CheckpointError(f"{folder} is not a sharded checkpoint: it has no .metadata index (an "
+                                      "unfinished save?); resume from another checkpoint of the run") from None
+            except Exception as e:  # noqa: BLE001 - torn, foreign or refused
+                raise CheckpointError(f"cannot read the sharded checkpoint index {path}: {_reason(e)}") from None
+            if not isinstance(metadata, Metadata):
+                raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not a checkpoint index")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(folder))
+
+
+def read_sharded(folder: Path, key: str, named_by: Path) -> Dict[str, torch.Tensor]:
+    """The whole tensors under ``key`` ('model' or 'model_ema') of a sharded training checkpoint (a
+    :mod:`torch.distributed.checkpoint` folder written by ``--strategy fsdp``), in this process alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not folder.is_dir():
+        raise CheckpointError(f"{named_by} is a sharded training state whose tensors are in {folder}, which is "
+                              "missing; copy the whole output folder (sharded/ included)")
+    reader = sharded_reader(folder)
+    entries = reader.read_metadata().state_dict_metadata
+    prefix = key + "."
+    template = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+                for k, m in entries.items() if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not template:
+        what = "EMA weights" if key == "model_ema" else "model weights"
+        raise CheckpointError(f"the sharded checkpoint {folder} (named by {named_by}) has no {what}"
+                              + ("; read the model's weights instead (use_ema=False)" if key == "model_ema" else ""))
+    try:
+        with warnings.catch_warnings():  # ("no process group: loading in one process", as intended)
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({key: template}, storage_reader=reader, no_dist=True)
+    except Exception as e:  # a missing or torn shard file
+        raise CheckpointError(f"cannot read the sharded checkpoint {folder}: {_reason(e)}; copy it again") from None
+    return template
 
 
 def _keys(obj: Mapping) -> List[str]:

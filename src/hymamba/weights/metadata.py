@@ -119,7 +119,8 @@ def _training_state_meta(obj: Any, path: Path) -> Dict[str, Any]:
     if not isinstance(obj, Mapping) or obj.get("format") != TRAIN_STATE_FORMAT:
         return {}
     meta: Dict[str, Any] = {}
-    for key in ("data_config", "architecture", "segmentation", "detection"):  # what the task stored to rebuild it
+    # what the task stored to rebuild it (export_metadata: model.json's content, in checkpoints since FSDP)
+    for key in ("export_metadata", "data_config", "architecture", "segmentation", "detection"):
         part = obj.get(key)
         if part is None:
             continue

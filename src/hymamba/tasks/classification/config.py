@@ -44,7 +44,6 @@ class ClassificationConfig(EngineConfig):
                                                  "attention_only")
     ssm_init: str = option("official", "initialisation from scratch: official (dt_proj like every Linear, as the "
                                         "official model) or mamba (Mamba's dt_proj init)")
-    grad_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     scan_impl: str = option("auto", "selective-scan implementation")
     max_train_samples: Optional[int] = option(None, "use only this many training images (spread over the set)")
     max_val_samples: Optional[int] = option(None, "use only this many validation images")

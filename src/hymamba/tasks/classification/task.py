@@ -147,8 +147,6 @@ class ClassificationTask(Task):
         self.frozen = [model.patch_embed] + list(model.levels[: cfg.freeze_stages]) if cfg.freeze_stages else []
         for m in self.frozen:
             m.requires_grad_(False)
-        if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(True)
         self.params = sum(p.numel() for p in model.parameters())
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.drop_path = max((m.drop_prob for m in model.modules() if hasattr(m, "drop_prob")), default=0.0)
