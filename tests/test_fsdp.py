@@ -156,6 +156,22 @@ def test_sharded_run_resumes_in_one_process(runs: dict, tmp_path: Path) -> None:
     assert load_train_state(out)["global_step"] > state["global_step"]
 
 
+def test_mixed_precision_and_the_switch_from_ddp(data: Path, tmp_path: Path) -> None:
+    """Under AMP (bfloat16 on the CPU) both strategies run the same autocast compute on the same float32
+    parameters; a DDP checkpoint is not resumed as a sharded run (the way out is said)."""
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        proc = _torchrun("train", str(data), *TINY, "--epochs", "1", "--strategy", strategy, "--clip-grad", "none",
+                         "--output", str(tmp_path / strategy))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "amp: true" in (tmp_path / strategy / "config.yaml").read_text()
+        losses[strategy] = float(_rows(tmp_path / strategy / "metrics.csv")[0]["train_loss"])
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
+    switch = _torchrun("train", "--resume", str(tmp_path / "ddp"), "--strategy", "fsdp", "--epochs", "2")
+    assert switch.returncode != 0  # (torchrun exits 1 whatever its workers' status: theirs was 2)
+    assert "was saved by a run that was not sharded; resume it with --strategy ddp" in switch.stderr
+
+
 DENSE = {
     "segment": ("--backbone", "test_mambavision", "--head-channels", "16", "--aux-channels", "8",
                 "--max-train-samples", "16", "--max-val-samples", "8", "--batch-size", "4", "--warmup-epochs", "0.5",

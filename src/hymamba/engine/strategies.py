@@ -46,11 +46,11 @@ class Strategy:
     #: True when the model's and the optimiser's tensors are saved by every process (sharded)
     sharded = False
 
-    def __init__(self, dist: Dist) -> None:
-        self.dist = dist
+    def __init__(self, dist: Dist, asked: str = "ddp") -> None:
+        self.dist, self.asked = dist, asked
 
     def describe(self) -> str:
-        return ""
+        return " (one process: fsdp has nothing to shard; launch with torchrun)" if self.asked == "fsdp" else ""
 
     def start_equal(self, model: nn.Module) -> None:
         """Give every process rank 0's parameters and buffers (each built its model with its own seed).
@@ -191,8 +191,8 @@ def make_strategy(name: str, dist: Dist) -> Strategy:
     if name not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
     if not dist.enabled:
-        return Strategy(dist)
-    return {"ddp": DDPStrategy, "fsdp": FSDPStrategy}[name](dist)
+        return Strategy(dist, name)
+    return {"ddp": DDPStrategy, "fsdp": FSDPStrategy}[name](dist, name)
 
 
 def set_grad_checkpointing(model: nn.Module) -> None:
