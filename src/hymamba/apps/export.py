@@ -1,8 +1,8 @@
 """ONNX export of a MambaVision model (classifier, backbone or segmenter), checked with ONNX Runtime.
 
-Under export, ``scan_impl="auto"`` runs the selective scan as its sequential reference made of
-standard ops (the compiled kernels are not ONNX operators), so the graph unrolls the scan over
-the window's tokens: the file is larger than the weights alone, but it runs in any ONNX runtime.
+Under export, whatever ``scan_impl``, the selective scan runs as its sequential reference made of
+standard ops (the compiled kernels are not ONNX operators): unrolled over the window's tokens in a
+fixed-size file, one ONNX ``Scan`` loop in an any-size file.
 
 Two kinds of file (:func:`export_onnx`):
 
@@ -13,14 +13,22 @@ Two kinds of file (:func:`export_onnx`):
   and the dynamo exporter (``onnxscript``) writes one graph in which the window padding, the window
   counts, the PPM's pooling bins and every resize are computed from the input's shape: one file
   serves every H x W. The model code keeps this possible: under export the levels pad (by 0 where
-  nothing is missing) and crop unconditionally and spell every reshape's sizes out, and the export
-  runs with ``backed_size_oblivious`` so that no size (a single window, say) is specialised on.
+  nothing is missing) and crop unconditionally, and the export runs with ``backed_size_oblivious``
+  so that no size (a single window, say) is specialised on. The scan is one ONNX ``Scan`` per mixer
+  (:func:`hymamba.ops.scan_onnx.scan_loop`) instead of an unrolled chain, which keeps the export
+  fast (MambaVision-T: about 30 s; unrolled, torch.export had not finished after 28 minutes).
 
 Valid input sizes: any H, W >= 1. The stem and the downsamples are 3x3 stride-2 convolutions with
 padding 1 (each halves a side, rounding up), and levels 2-3 pad their maps up to whole windows, so no
 side needs to be a multiple of 32 (or of anything); the stride-32 map has ceil(H/32) x ceil(W/32)
-cells. Which to choose: the fixed file is the default because it is as fast and smaller (see the
-README's ONNX section for the measured numbers); choose any-size when the sizes vary.
+cells. Tested from 32 x 32 and 33 x 47 up to 256 x 320.
+
+Which to choose: measured on MambaVision-T (``benchmarks/bench_onnx_sizes.py``, README's ONNX
+section) the any-size file runs as fast as a fixed one at each size and is no larger, so choose it
+whenever sizes vary. The fixed file stays the default because it needs neither onnxscript nor
+torch.export's private switches (``backed_size_oblivious``, the ``scan`` higher-order op), is a
+plain graph of standard operators without a loop, and is what existing files, scripts and the int8
+path were written for.
 """
 from __future__ import annotations
 
@@ -112,8 +120,7 @@ def export_onnx(
         image_size: (H, W) of the input (with ``dynamic_size``: of the example the export traces);
             default: the model's ``pretrained_cfg`` input size.
         opset: ONNX opset version; default :data:`DEFAULT_OPSET` (17 fixed, 18 any-size).
-        dynamic_size: write one file for every H x W (see the module docstring); the default is the
-            fixed-size file, as fast and smaller.
+        dynamic_size: write one file for every H x W (see the module docstring for which to choose).
     Returns:
         The written path. Input ``pixel_values`` (N, 3, H, W); outputs named by
         :func:`onnx_output_names`. N is dynamic, and with ``dynamic_size`` H and W too.

@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input H [W] (default: the model's input size); with --dynamic-size the size the export "
                         "traces and checks at")
     p.add_argument("--dynamic-size", action="store_true",
-                   help="one file for every input H x W (needs onnxscript; slower to export); default: a file for "
-                        "--size only, as fast and smaller")
+                   help="one file for every input H x W (needs onnxscript; as fast as a fixed-size file); "
+                        "default: a file for --size only")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17; 18 with --dynamic-size)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
     from hymamba.apps.quantize import QUANTIZATION_MODES

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input H [W] (default: the training crop; official 512); with --dynamic-size the size "
                         "the export traces and checks at")
     x.add_argument("--dynamic-size", action="store_true",
-                   help="one file for every input H x W (needs onnxscript; slower to export)")
+                   help="one file for every input H x W (needs onnxscript)")
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17; 18 with --dynamic-size)")
     x.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
 
