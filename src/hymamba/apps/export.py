@@ -99,8 +99,8 @@ def _size_oblivious() -> Iterator[None]:
     single window): decisions such as "is this dimension 1?" are taken as for a general size."""
     config = torch.fx.experimental._config
     if not hasattr(config, "backed_size_oblivious"):
-        raise ConfigError(f"the any-size export needs torch >= 2.8 (torch.export's backed_size_oblivious), "
-                          f"this is torch {torch.__version__}; upgrade torch or export a fixed size")
+        raise ConfigError(f"the any-size export needs torch.export's backed_size_oblivious switch, which torch "
+                          f"{torch.__version__} lacks (tested with torch 2.14); upgrade torch or export a fixed size")
     with config.patch(backed_size_oblivious=True):
         yield
 
