@@ -136,6 +136,20 @@ def test_export_runs_in_onnx_runtime(run_dir: Path, tmp_path: Path) -> None:
     assert logits.shape == (3, 11, 64, 96)
 
 
+def test_export_any_size_runs_in_onnx_runtime(run_dir: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    out = tmp_path / "seg_any.onnx"
+    proc = run_cli("segment", "export", str(run_dir), "--output", str(out), "--size", "64", "--dynamic-size")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(N, 3, H, W)" in proc.stdout and "H and W too" in proc.stdout and "at 64x64, 80x80" in proc.stdout
+    assert json.loads(out.with_suffix(".json").read_text())["input"] == [None, 3, None, None]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for size in ((64, 64), (72, 104)):
+        (logits,) = session.run(None, {"pixel_values": np.zeros((2, 3, *size), dtype=np.float32)})
+        assert logits.shape == (2, 11, *size)
+
+
 def _ade_layout(root: Path, train: int = 8, val: int = 4) -> Path:
     """An ADE20K-layout folder (images/ + annotations/, training/ + validation/, .jpg + .png) holding
     real scenes; annotations are 1 + the scene's class (0 = "other", ignored under reduce_zero_label)."""

@@ -244,29 +244,37 @@ def predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
 
 
 def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, model_name: Optional[str] = None,
-           size: Optional[Tuple[int, int]] = None, opset: int = 17, check: bool = True,
-           scan_impl: str = "auto") -> Dict[str, Any]:
+           size: Optional[Tuple[int, int]] = None, opset: Optional[int] = None, check: bool = True,
+           scan_impl: str = "auto", dynamic_size: bool = False) -> Dict[str, Any]:
     """The segmenter as an ONNX file (input ``pixel_values`` (N, 3, H, W), normalised; output
     ``logits`` (N, C, H, W)), with ``OUTPUT.json`` beside it (classes, palette, mean/std, size), and
-    with ``check`` the max |ONNX Runtime - PyTorch| on a random batch of 2.
+    with ``check`` the max |ONNX Runtime - PyTorch| on a random batch of 2 (``max_abs_diff``; with
+    ``dynamic_size`` the largest over ``size`` and a second size, ``checked_sizes``).
 
-    ``size`` (H, W) defaults to the training crop (official: 512 x 512); the batch is dynamic.
+    ``size`` (H, W) defaults to the training crop (official: 512 x 512); the batch is dynamic. With
+    ``dynamic_size`` the file runs at any H x W (``input`` then reads ``[None, 3, None, None]``) and
+    ``size`` is only what the export traces and checks at (see :func:`hymamba.apps.export.export_onnx`).
     """
-    from hymamba.apps.export import check_onnx, export_onnx
+    from hymamba.apps.export import check_onnx, check_sizes, export_onnx
     from hymamba.utils.io import write_json_atomic
 
     model, meta, _ = _load(checkpoint, model_name, False, "cpu", scan_impl)
     st = settings_from(meta, model_name)
-    h, w = size if size is not None else st.inference.crop_size
-    path = export_onnx(model, output, image_size=(int(h), int(w)), opset=opset)
+    h, w = (int(v) for v in (size if size is not None else st.inference.crop_size))
+    path = export_onnx(model, output, image_size=(h, w), opset=opset, dynamic_size=dynamic_size)
     n = model.num_classes
+    hw = [None, None] if dynamic_size else [h, w]
     info: Dict[str, Any] = {
-        "onnx": str(path), "input": [None, 3, int(h), int(w)], "output": [None, n, int(h), int(w)],
+        "onnx": str(path), "input": [None, 3, *hw], "output": [None, n, *hw],
         "class_names": model.class_names or [f"class {k}" for k in range(n)], "palette": palette_for(model, n),
         "mean": list(st.mean), "std": list(st.std), "model": meta.get("model") or model_name,
     }
     write_json_atomic(Path(path).with_suffix(".json"), info)
     if check:
-        torch.manual_seed(0)
-        info["max_abs_diff"] = check_onnx(model, path, torch.randn(2, 3, int(h), int(w)))
+        sizes = check_sizes((h, w), dynamic_size)
+        diffs = []
+        for sh, sw in sizes:
+            torch.manual_seed(0)
+            diffs.append(check_onnx(model, path, torch.randn(2, 3, sh, sw)))
+        info["max_abs_diff"], info["checked_sizes"] = max(diffs), [list(s) for s in sizes]
     return info

@@ -37,17 +37,27 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
         x: (B, C, H, W) with H and W multiples of ``window_size``.
     Returns:
         (B * H/ws * W/ws, ws*ws, C): windows row-major, tokens row-major inside each window.
+
+    Every size is spelled out (no ``-1``): under ``torch.export`` the window count stays a product of
+    the symbolic sizes, so the exported graph computes it from the input's shape.
     """
     b, c, h, w = x.shape
-    x = x.view(b, c, h // window_size, window_size, w // window_size, window_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, c)
+    nh, nw = h // window_size, w // window_size
+    x = x.view(b, c, nh, window_size, nw, window_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b * nh * nw, window_size * window_size, c)
 
 
-def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B*nW, ws*ws, C) -> (B, C, H, W)."""
+def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int,
+                   batch: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B*nW, ws*ws, C) -> (B, C, H, W).
+
+    ``batch`` (B) spells the batch out for ``torch.export``; default: inferred from the window count.
+    """
     c = windows.shape[-1]
-    x = windows.reshape(-1, h // window_size, w // window_size, window_size, window_size, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, h, w)
+    nh, nw = h // window_size, w // window_size
+    b = windows.shape[0] // (nh * nw) if batch is None else batch
+    x = windows.reshape(b, nh, nw, window_size, window_size, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
 def conv_layout(x: torch.Tensor) -> torch.Tensor:

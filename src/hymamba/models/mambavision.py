@@ -92,17 +92,29 @@ class MambaVisionLayer(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         if self.conv:
             return self._run_blocks(x)
-        _, _, h, w = x.shape
+        b, _, h, w = x.shape
         ws = self.window_size
-        pad_r, pad_b = (ws - w % ws) % ws, (ws - h % ws) % ws
-        # The padded zeros are ordinary tokens (no mask), exactly as in the official model.
-        if pad_r or pad_b:
-            x = F.pad(x, (0, pad_r, 0, pad_b))
-        hp, wp = h + pad_b, w + pad_r
-        x = window_reverse(self._run_blocks(window_partition(x, ws)), ws, hp, wp)
-        if pad_r or pad_b:
+        # whole windows: (h + ws - 1) // ws * ws, which torch.export can reason about symbolically
+        hp, wp = (h + ws - 1) // ws * ws, (w + ws - 1) // ws * ws
+        exporting = _is_exporting()
+        # The padded zeros are ordinary tokens (no mask), exactly as in the official model. Under
+        # export the pad and crop are always in the graph (by 0 where nothing is padded), so that
+        # one exported graph serves every input size.
+        if exporting or hp != h or wp != w:
+            x = F.pad(x, (0, wp - w, 0, hp - h))
+        if exporting:  # plain NCHW strides: reshaping channels-last strides makes export guard on sizes
+            x = x.contiguous()
+        x = window_reverse(self._run_blocks(window_partition(x, ws)), ws, hp, wp, b)
+        if exporting:  # index_select, not a slice: a slice's end is a bound torch.export guards on
+            rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+            return x.index_select(2, rows).index_select(3, cols)
+        if hp != h or wp != w:
             x = x[:, :, :h, :w].contiguous()
         return x
+
+
+# torch.compiler.is_exporting appeared in torch 2.6 (the same fallback as hymamba.ops.dispatch)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 class MambaVision(nn.Module):

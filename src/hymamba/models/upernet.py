@@ -21,7 +21,7 @@ mmseg 1.x computes (no mmcv needed) and carry its parameter names, so the offici
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,14 @@ class ConvModule(nn.Module):
         return self.activate(self.bn(self.conv(x)))
 
 
+# torch.compiler.is_exporting appeared in torch 2.6 (the same fallback as hymamba.ops.dispatch)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=align_corners)
+    # under torch.export the sizes stay symbolic (int() would fix them at the example's)
+    size = tuple(size) if _is_exporting() else tuple(int(s) for s in size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
 class _DecodeHead(nn.Module):
@@ -82,13 +88,20 @@ class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
     loses the spatial shape inside the backbone: "adaptive_avg_pool2d, input size not accessible").
     While tracing, this computes PyTorch's own bins explicitly - bin ``i`` of ``n`` cells into ``s``
     spans ``floor(i * n / s)`` to ``ceil((i + 1) * n / s)`` - as slices and means, fixed at the traced
-    size (the exported graph then serves that input size). Eager mode runs PyTorch's kernel.
+    size (the exported graph then serves that input size). Under ``torch.export`` (the any-size ONNX
+    export) the same bins are built from the symbolic size as averaging matrices (bin i's cells
+    weighted 1/count), applied to rows and columns by two matrix products: one graph for every size.
+    Eager mode runs PyTorch's kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not (_is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             return super().forward(x)
         size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size, self.output_size)
+        if _is_exporting():
+            rows = _bin_weights(x.shape[-2], size[0] or x.shape[-2], x)  # (sh, H)
+            cols = _bin_weights(x.shape[-1], size[1] or x.shape[-1], x)  # (sw, W)
+            return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
         (sh, sw), h, w = size, int(x.shape[-2]), int(x.shape[-1])
         sh, sw = sh or h, sw or w
 
@@ -98,6 +111,17 @@ class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
         rows = [torch.cat([x[..., r0:r1, c0:c1].mean(dim=(-2, -1), keepdim=True) for c0, c1 in bins(w, sw)], dim=-1)
                 for r0, r1 in bins(h, sh)]
         return torch.cat(rows, dim=-2)
+
+
+def _bin_weights(n: Any, s: int, like: torch.Tensor) -> torch.Tensor:
+    """(s, n): row i averages PyTorch's adaptive-pooling bin i of n cells into s, floor(i*n/s) to
+    ceil((i+1)*n/s), computed with tensor ops so that ``n`` may be symbolic."""
+    i = torch.arange(s, device=like.device)
+    start = torch.div(i * n, s, rounding_mode="floor")
+    end = torch.div((i + 1) * n + s - 1, s, rounding_mode="floor")
+    j = torch.arange(n, device=like.device)
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 
 class PPM(nn.ModuleList):

@@ -26,6 +26,7 @@ from torch import Tensor
 from hymamba.errors import ConfigError, KernelUnavailable
 from hymamba.ops import kernels
 from hymamba.ops.scan_fast import selective_scan_fast  # noqa: F401  (registers the custom ops)
+from hymamba.ops.scan_onnx import scan_loop
 from hymamba.ops.scan_ref import check_inputs, scan_ref
 
 __all__ = ["SCAN_IMPLS", "available_scan_impls", "check_scan_impl", "last_scan_impl", "selective_scan"]
@@ -124,7 +125,8 @@ def selective_scan(
     Returns y: (batch, dim, L) in ``u.dtype``.
 
     ``impl`` is one of :data:`SCAN_IMPLS`. Under ONNX export / ``torch.jit`` tracing every
-    impl runs as the reference loop (standard ops only). Otherwise ``"auto"`` picks, in
+    impl runs as the reference loop (standard ops only): unrolled under the TorchScript exporter,
+    one ONNX ``Scan`` (:func:`~hymamba.ops.scan_onnx.scan_loop`) under the dynamo exporter. Otherwise ``"auto"`` picks, in
     order: the ``HYMAMBA_SCAN_IMPL`` env var if set; for CUDA tensors ``"mamba_ssm"`` when
     importable (``"fast"`` for float64 tensors, which its kernel does not take, and under
     ``torch.export``, which cannot trace it); for CPU tensors ``"cpu"`` when the C++ kernel is
@@ -144,7 +146,10 @@ def selective_scan(
     elif impl == "auto":
         impl, why = _auto_impl(device, u.dtype)
 
-    if impl == "reference":
+    if impl == "reference" and _is_exporting() and torch.onnx.is_in_onnx_export():
+        # the dynamo (any-size) ONNX export: the loop as one ONNX Scan instead of L unrolled steps
+        y = scan_loop(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    elif impl == "reference":
         y = scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
     elif impl == "fast":
         y = torch.ops.hymamba.selective_scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus)

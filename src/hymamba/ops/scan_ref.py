@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["autocast_off", "check_inputs", "compute_dtype", "differentiable_backward", "scan_ref",
-           "selective_scan_ref"]
+           "selective_scan_ref", "step_inputs"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -93,6 +93,17 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[obje
 
 
 # ------------------------------------------------------------------------- reference
+def step_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
+                delta_softplus: bool, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """What the recurrence's steps read, in ``dtype``: (delta with its bias and softplus, u, A, B, C)."""
+    dt = delta.to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    return dt, u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+
+
 def scan_ref(
     u: Tensor,
     delta: Tensor,
@@ -105,12 +116,7 @@ def scan_ref(
 ) -> Tensor:
     dtype = compute_dtype(u, delta, A, B, C, D, delta_bias)
     with autocast_off(u.device):
-        dt = delta.to(dtype)
-        if delta_bias is not None:
-            dt = dt + delta_bias.to(dtype)[:, None]
-        if delta_softplus:
-            dt = F.softplus(dt)
-        u_, A_, B_, C_ = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+        dt, u_, A_, B_, C_ = step_inputs(u, delta, A, B, C, delta_bias, delta_softplus, dtype)
         h = u_.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (batch, dim, N)
         ys = []
         for t in range(u.shape[2]):

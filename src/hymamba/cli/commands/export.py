@@ -1,4 +1,5 @@
-"""``hymamba export``: ONNX export (dynamic batch), checked against PyTorch in ONNX Runtime."""
+"""``hymamba export``: ONNX export (dynamic batch; with ``--dynamic-size`` any H x W), checked against PyTorch
+in ONNX Runtime."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name")
     p.add_argument("--checkpoint", default=None, help="weights to export (default: random initialisation)")
     p.add_argument("--output", required=True, help="the .onnx file to write")
-    p.add_argument("--size", type=int, nargs="+", default=None, help="input H [W] (default: the model's input size)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="input H [W] (default: the model's input size); with --dynamic-size the size the export "
+                        "traces and checks at")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="one file for every input H x W (needs onnxscript; as fast as a fixed-size file); "
+                        "default: a file for --size only")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17; 18 with --dynamic-size)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
     from hymamba.apps.quantize import QUANTIZATION_MODES
 
@@ -29,21 +35,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from hymamba.apps.export import check_onnx, export_onnx
+    from hymamba.apps.export import check_onnx, check_sizes, export_onnx
     from hymamba.errors import ConfigError, HymambaError
     from hymamba.factory import create_model
 
     model = create_model(args.model, checkpoint_path=args.checkpoint).eval()
     size = image_size(args.size, model.pretrained_cfg["input_size"][1:])
-    path = export_onnx(model, args.output, image_size=tuple(size), opset=args.opset)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input pixel_values (N, 3, {size[0]}, {size[1]}), "
-          f"output logits (N, {model.num_classes}); N is dynamic")
+    path = export_onnx(model, args.output, image_size=tuple(size), opset=args.opset, dynamic_size=args.dynamic_size)
+    hw = "H, W" if args.dynamic_size else f"{size[0]}, {size[1]}"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input pixel_values (N, 3, {hw}), "
+          f"output logits (N, {model.num_classes}); N is dynamic" + (", H and W too" if args.dynamic_size else ""))
     if args.check:
-        torch.manual_seed(0)
-        diff = check_onnx(model, path, torch.randn(2, 3, *size))
-        print(f"ONNX Runtime vs PyTorch on a random batch of 2: max |difference| {diff:.2e}")
-        if not diff <= 1e-3:
-            raise HymambaError(f"the exported model disagrees with PyTorch (max difference {diff:.2e})")
+        for check_size in check_sizes(size, args.dynamic_size):
+            torch.manual_seed(0)
+            diff = check_onnx(model, path, torch.randn(2, 3, *check_size))
+            print(f"ONNX Runtime vs PyTorch on a random batch of 2 at {check_size[0]}x{check_size[1]}: "
+                  f"max |difference| {diff:.2e}")
+            if not diff <= 1e-3:
+                raise HymambaError(f"the exported model disagrees with PyTorch (max difference {diff:.2e})")
     if args.int8:
         from hymamba.apps.quantize import calibration_batches, compare_with_model, int8_path, quantize_onnx
         from hymamba.data.transforms import eval_transform, resolve_data_config
@@ -52,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
         if size[0] != size[1]:
             raise ConfigError(f"--int8 calibrates on images preprocessed as for evaluation (square), but --size is "
-                               f"{size[0]}x{size[1]}; export a square size for int8")
+                               f"{size[0]}x{size[1]}; export a square size for int8 (with --dynamic-size the int8 "
+                               "file then runs at any size too)")
         meta = (read_config(args.checkpoint) or {}) if args.checkpoint else {}
         data_config = resolve_data_config(model.pretrained_cfg, meta, input_size=size[0])
         batches = calibration_batches(args.calibration, eval_transform(data_config), size[-1],

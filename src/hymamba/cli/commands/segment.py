@@ -46,14 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _predict_arguments(r)
     x = sub.add_parser("export", help="the segmenter as an ONNX file, checked in ONNX Runtime",
                        description="Export to ONNX (input pixel_values (N, 3, H, W), normalised; output logits "
-                                   "(N, C, H, W)); writes OUTPUT.json beside it with classes, palette and mean/std.")
+                                   "(N, C, H, W)); writes OUTPUT.json beside it with classes, palette and mean/std. "
+                                   "The file runs at --size only, or with --dynamic-size at any H x W.")
     x.add_argument("checkpoint", metavar="WEIGHTS", help="a run folder or weights file, or an official .pth "
                                                           "(with --model)")
     x.add_argument("--model", default=None, help="the segmenter of a file without hymamba metadata")
     x.add_argument("--output", required=True, metavar="FILE.onnx", help="the .onnx file to write")
     x.add_argument("--size", type=positive_int, nargs="+", default=None, metavar="N",
-                   help="input H [W] (default: the training crop; official 512)")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+                   help="input H [W] (default: the training crop; official 512); with --dynamic-size the size "
+                        "the export traces and checks at")
+    x.add_argument("--dynamic-size", action="store_true",
+                   help="one file for every input H x W (needs onnxscript)")
+    x.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17; 18 with --dynamic-size)")
     x.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
 
 
@@ -184,12 +188,14 @@ def _export(args: argparse.Namespace) -> int:
 
     size = tuple(image_size(args.size, [0, 0])) if args.size else None
     info = export(args.checkpoint, args.output, model_name=args.model, size=size, opset=args.opset,
-                  check=args.check)
-    h, w = info["input"][2:]
+                  check=args.check, dynamic_size=args.dynamic_size)
+    h, w = ("H", "W") if args.dynamic_size else info["input"][2:]
     print(f"wrote {info['onnx']}: input pixel_values (N, 3, {h}, {w}), output logits (N, {info['output'][1]}, {h}, "
-          f"{w}); N is dynamic; classes, palette and mean/std in {Path(info['onnx']).with_suffix('.json')}")
+          f"{w}); N is dynamic{', H and W too' if args.dynamic_size else ''}; classes, palette and mean/std in "
+          f"{Path(info['onnx']).with_suffix('.json')}")
     if args.check:
-        print(f"ONNX Runtime vs PyTorch on a random batch of 2: max |difference| {info['max_abs_diff']:.2e}")
+        sizes = ", ".join(f"{a}x{b}" for a, b in info["checked_sizes"])
+        print(f"ONNX Runtime vs PyTorch on a random batch of 2 at {sizes}: max |difference| {info['max_abs_diff']:.2e}")
         if not info["max_abs_diff"] <= 1e-3:
             raise HymambaError(f"the exported model disagrees with PyTorch (max difference {info['max_abs_diff']:.2e})")
     return 0
