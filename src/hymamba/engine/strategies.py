@@ -175,15 +175,18 @@ def _gathered(model: nn.Module) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    inner = [m for m in units if m is not model]  # (FSDP never reshards the root after forward)
     for m in units:
         m.unshard()
+    for m in inner:
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
+        for m in inner:
+            m.set_reshard_after_forward(True, recurse=False)  # as fully_shard left them
         for m in units:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
 
 
 def make_strategy(name: str, dist: Dist) -> Strategy:
