@@ -101,3 +101,52 @@ def test_padding_path_is_exercised(monkeypatch) -> None:
         stage = stages[level]
         assert stage.shape[-2:] == (h, w)  # the padding is cropped away again
         torch.testing.assert_close(stage, exp[f"stage{level + 1}"], rtol=1e-6, atol=1e-10)
+
+
+# The recorded float64 outputs were made on a CPU where MKL took its portable code paths. Intel MKL
+# picks its kernels by CPU (AVX-512, AVX2, ...), and their last bits differ: the official model's
+# float32 ``exp(A_log.float())`` moves by an ulp in a few elements, which moves the token levels by
+# up to 2e-9 (1.5e-7 relative) on an AVX-512 machine. MKL_CBWR=COMPATIBLE (MKL's conditional numerical
+# reproducibility) makes every CPU take the portable paths: then the fixtures hold to 1e-14.
+_REPRODUCIBLE = r"""
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+import hymamba
+from hymamba.models.backbone import MambaVisionBackbone
+from hymamba.weights.metadata import read_checkpoint
+folder, worst = Path(sys.argv[1]), {}
+for name in ("tiny_a", "tiny_b"):
+    case = json.loads((folder / f"{name}.json").read_text())
+    exp = load_file(str(folder / case["expected"]))
+    model = hymamba.MambaVision(**case["config"], scan_impl="reference")
+    hymamba.load_checkpoint(model, folder / case["checkpoint"], strict=True)
+    with torch.no_grad():
+        worst[name] = (model.double().eval()(exp["input"].double()) - exp["logits"]).abs().max().item()
+spec = json.loads((folder / "upernet_tiny_a.json").read_text())
+backbone = MambaVisionBackbone(**{k: v for k, v in spec["backbone"].items() if k != "note"}, scan_impl="reference")
+sd = read_checkpoint(folder / "upernet_tiny_a.pth").state_dict
+backbone.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}, strict=True)
+exp = load_file(str(folder / "upernet_tiny_a.expected.safetensors"))
+for hw in ("64x96", "72x56"):
+    with torch.no_grad():
+        maps = backbone.double().eval()(exp[f"input_{hw}"])
+    worst[f"backbone_{hw}"] = max((m - exp[f"backbone{i}_{hw}"]).abs().max().item() for i, m in enumerate(maps))
+print(json.dumps(worst))
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch without MKL: MKL_CBWR does not apply")
+def test_float64_is_exact_under_mkl_reproducible_mode(fixtures) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MKL_CBWR="COMPATIBLE", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _REPRODUCIBLE, str(fixtures)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(worst) == {"tiny_a", "tiny_b", "backbone_64x96", "backbone_72x56"}
+    assert max(worst.values()) < 1e-13, worst
