@@ -188,11 +188,11 @@ def test_dense_training_under_fsdp(command: str, tmp_path: Path) -> None:
     losses = {}
     for strategy in ("ddp", "fsdp"):
         proc = _torchrun(command, "train", *DENSE[command], "--strategy", strategy, "--output", str(tmp_path / strategy))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, f"{command} train --strategy {strategy}:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
         losses[strategy] = float(_rows(tmp_path / strategy / "metrics.csv")[0]["train_loss"])
     assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
     ev = run_cli(command, "eval", str(tmp_path / "fsdp" / "last.pth"), "--max-samples", "4", "--json")
-    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert ev.returncode == 0, f"{command} eval of the sharded last.pth:\n{ev.stderr[-3000:]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,3 +231,22 @@ def test_strategy_errors() -> None:
     assert make_strategy("fsdp", Dist()).sharded is False  # one process: the model as it is
     with pytest.raises(ConfigError, match="has no module that supports"):
         set_grad_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_a_torn_shard_is_a_clear_error(tmp_path: Path) -> None:
+    """A shard file lost or cut short: reading the weights and resuming both say which folder and what to do."""
+    import torch.distributed.checkpoint as dcp
+
+    from hymamba.engine.state import FORMAT, load_sharded
+
+    folder = tmp_path / "sharded" / "epoch1-batch0"
+    weights = {"w": torch.randn(4, 3)}
+    dcp.save({"model": weights}, checkpoint_id=str(folder), no_dist=True)
+    torch.save({"format": FORMAT, "sharded": "sharded/epoch1-batch0"}, tmp_path / "last.pth")
+    assert torch.equal(read_state_dict(tmp_path / "last.pth")["w"], weights["w"])  # whole, in one process
+    for shard in folder.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match="cannot read the sharded checkpoint .*(zip|central directory).*copy it again"):
+        read_state_dict(tmp_path / "last.pth")
+    with pytest.raises(CheckpointError, match="cannot read the sharded training state .*best.pth"):
+        load_sharded({"model": {"w": torch.zeros(4, 3)}}, folder)

@@ -28,7 +28,7 @@ from torch import nn
 
 from hymamba.engine.state import SHARDED_KEYS, get_rng_state, save_sharded, save_train_state
 from hymamba.utils.io import atomic_copy, atomic_write_bytes, write_json_atomic
-from hymamba.weights.io import save_safetensors
+from hymamba.weights.io import read_file, save_safetensors
 from hymamba.weights.metadata import write_model_json
 
 if TYPE_CHECKING:  # the trainer drives the callbacks; they only read it
@@ -194,8 +194,6 @@ SHARDED_FOLDER = "sharded"
 def _remove_unnamed(output: Path) -> None:
     """Delete the sharded checkpoint folders that neither ``last.pth`` nor ``best.pth`` names."""
     import shutil
-
-    from hymamba.weights.io import read_file
 
     named = set()
     for name in ("last.pth", "best.pth"):

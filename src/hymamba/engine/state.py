@@ -22,7 +22,7 @@ import torch
 
 from hymamba.errors import CheckpointError, ConfigError
 from hymamba.utils.io import atomic_write
-from hymamba.weights.io import read_file, sharded_reader
+from hymamba.weights.io import read_file, sharded_failure, sharded_reader
 from hymamba.weights.metadata import TRAIN_STATE_FORMAT as FORMAT
 
 __all__ = ["FORMAT", "SHARDED_KEYS", "get_rng_state", "load_sharded", "load_train_state", "save_sharded",
@@ -82,6 +82,7 @@ def load_sharded(template: Dict[str, Any], folder: Path) -> None:
     """Fill ``template`` (the states of this run's model, optimiser and EMA, sharded or whole) in place
     from a sharded checkpoint folder, resharding for this run's processes."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if not folder.is_dir():
         raise CheckpointError(f"the sharded training state {folder} is missing (the run's last.pth names it); "
@@ -90,8 +91,8 @@ def load_sharded(template: Dict[str, Any], folder: Path) -> None:
         dcp.load(template, storage_reader=sharded_reader(folder))
     except CheckpointError:
         raise
-    except Exception as e:  # DCP wraps every failure (missing shard, wrong key) in a CheckpointException
-        raise CheckpointError(f"cannot read the sharded training state {folder}: {str(e).splitlines()[0][:300]}; "
+    except (Exception, CheckpointException) as e:  # DCP wraps failures in a CheckpointException (a BaseException)
+        raise CheckpointError(f"cannot read the sharded training state {folder}: {sharded_failure(e)}; "
                               "resume from another checkpoint of the run (best.pth) or start afresh") from None
 
 

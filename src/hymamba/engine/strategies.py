@@ -42,7 +42,6 @@ __all__ = ["STRATEGIES", "Strategy", "distribute_norm_statistics", "make_strateg
 class Strategy:
     """One process: the model as it is, checkpoints in one file."""
 
-    name = "single"
     #: True when the model's and the optimiser's tensors are saved by every process (sharded)
     sharded = False
 
@@ -92,8 +91,6 @@ class Strategy:
 class DDPStrategy(Strategy):
     """Replicated model, gradients averaged by DistributedDataParallel."""
 
-    name = "ddp"
-
     def describe(self) -> str:
         return " (DDP)"
 
@@ -115,7 +112,6 @@ def _units(model: nn.Module) -> List[nn.Module]:
 class FSDPStrategy(Strategy):
     """FSDP2: parameters, gradients and optimiser state sharded per block (see the module docstring)."""
 
-    name = "fsdp"
     sharded = True
 
     def describe(self) -> str:

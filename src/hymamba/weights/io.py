@@ -307,6 +307,17 @@ class _IndexUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def sharded_failure(e: BaseException) -> str:
+    """The one informative line of a failed sharded load (DCP wraps each rank's error in a CheckpointException)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, Mapping) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, tuple):  # (exception, traceback) in some torch versions
+            inner = next((x for x in inner if isinstance(x, BaseException)), inner)
+        return _reason(getattr(inner, "exc", inner))
+    return _reason(e)
+
+
 def sharded_reader(folder: Path) -> Any:
     """A :mod:`torch.distributed.checkpoint` reader for ``folder`` whose index is read safely."""
     import torch.distributed.checkpoint as dcp
@@ -338,6 +349,7 @@ def read_sharded(folder: Path, key: str, named_by: Path) -> Dict[str, torch.Tens
     """The whole tensors under ``key`` ('model' or 'model_ema') of a sharded training checkpoint (a
     :mod:`torch.distributed.checkpoint` folder written by ``--strategy fsdp``), in this process alone."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not folder.is_dir():
@@ -356,8 +368,8 @@ def read_sharded(folder: Path, key: str, named_by: Path) -> Dict[str, torch.Tens
         with warnings.catch_warnings():  # ("no process group: loading in one process", as intended)
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({key: template}, storage_reader=reader, no_dist=True)
-    except Exception as e:  # a missing or torn shard file
-        raise CheckpointError(f"cannot read the sharded checkpoint {folder}: {_reason(e)}; copy it again") from None
+    except (Exception, CheckpointException) as e:  # a missing or torn shard (CheckpointException is no Exception)
+        raise CheckpointError(f"cannot read the sharded checkpoint {folder}: {sharded_failure(e)}; copy it again") from None
     return template
 
 
